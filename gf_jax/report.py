@@ -1,0 +1,143 @@
+"""Evaluation report: ``report.json``, a Markdown table (one row per model) and PNG histograms.
+
+Input is ``results_by_model``: ``{model_name: result}`` where each result may hold any of
+
+* ``"memorization"``: ``{"per_doc": [dict, ...], "aggregate": dict}`` (see ``gf_jax.evaluate``),
+* ``"mia"``: ``{"loss": {"auc", "tpr_at_fpr"}, "zlib": {...}, "n_members", "n_nonmembers", "fpr"}``,
+* ``"heldout"``: ``{"loss", "perplexity", "n_tokens"}``,
+* anything else (``run_dir``, ``step``, ...), kept in the JSON.
+
+Missing parts show as "-" in the table; histograms are drawn only for models with memorization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+HIST_BINS = 20
+
+
+def _jsonable(value: Any) -> Any:
+    # JSON has no NaN/inf and no numpy scalars: map them to null / plain Python numbers.
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def markdown_table(results_by_model: dict[str, dict]) -> str:
+    """One row per model: memorized x/N, RougeL, exact match, MIA AUC / TPR, held-out loss."""
+    fpr = next((r["mia"].get("fpr", 0.001) for r in results_by_model.values() if "mia" in r), 0.001)
+    tpr_name = f"TPR@{fpr * 100:g}%FPR"
+    header = [
+        "model", "memorized", "RougeL mean", "RougeL median", "exact match", "longest run",
+        "loss AUC", f"loss {tpr_name}", "zlib AUC", f"zlib {tpr_name}", "held-out loss", "held-out ppl",
+    ]
+    rows = [header, ["---"] * len(header)]
+    for name, result in results_by_model.items():
+        agg = result.get("memorization", {}).get("aggregate", {})
+        mia = result.get("mia", {})
+        held = result.get("heldout", {})
+        if agg:
+            memorized = f"{agg['n_memorized']}/{agg['n_documents']}"
+            if agg.get("n_skipped"):
+                memorized += f" ({agg['n_skipped']} skipped)"
+        else:
+            memorized = "-"
+        rows.append([
+            name.replace("|", "\\|"),
+            memorized,
+            _fmt(agg.get("rougeL_mean"), ".3f"),
+            _fmt(agg.get("rougeL_median"), ".3f"),
+            _fmt(agg.get("exact_match_mean"), ".3f"),
+            _fmt(agg.get("longest_run_mean"), ".1f"),
+            _fmt(mia.get("loss", {}).get("auc"), ".3f"),
+            _fmt(mia.get("loss", {}).get("tpr_at_fpr"), ".3f"),
+            _fmt(mia.get("zlib", {}).get("auc"), ".3f"),
+            _fmt(mia.get("zlib", {}).get("tpr_at_fpr"), ".3f"),
+            _fmt(held.get("loss"), ".4f"),
+            _fmt(held.get("perplexity"), ".2f"),
+        ])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def plot_histograms(results_by_model: dict[str, dict], key: str, path: str, xlabel: str) -> bool:
+    """Overlaid per-model histograms of ``per_doc[key]`` on [0, 1] (the paper's Figure 2 style).
+
+    Returns False (and writes nothing) when no model has per-document memorization results.
+    """
+    series = {
+        name: [d[key] for d in r["memorization"]["per_doc"]]
+        for name, r in results_by_model.items()
+        if r.get("memorization", {}).get("per_doc")
+    }
+    if not series:
+        return False
+    import matplotlib  # heavy optional dependency, only for the plots
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    bins = [i / HIST_BINS for i in range(HIST_BINS + 1)]
+    for i, (name, values) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        ax.hist(values, bins=bins, histtype="stepfilled", alpha=0.3, color=color, label=name)
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.2, color=color)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("documents")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(results_by_model: dict[str, dict], out_dir: str, *, title: str = "Evaluation") -> dict:
+    """Writes report.json, report.md, rougeL_hist.png and exact_match_hist.png into ``out_dir``.
+
+    Returns ``{"json": path, "markdown": path, "plots": [paths]}``.
+    """
+    if not results_by_model:
+        raise ValueError("results_by_model is empty; evaluate at least one model before reporting.")
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "report.json")
+    with open(json_path, "w") as f:
+        json.dump(_jsonable(results_by_model), f, indent=1)
+
+    plots = []
+    for key, xlabel, name in (
+        ("rougeL", "RougeL of generated vs true suffix", "rougeL_hist.png"),
+        ("exact_match", "share of suffix tokens reproduced (exact match)", "exact_match_hist.png"),
+    ):
+        path = os.path.join(out_dir, name)
+        if plot_histograms(results_by_model, key, path, xlabel):
+            plots.append(path)
+
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w") as f:
+        f.write(f"# {title}\n\n")
+        f.write(markdown_table(results_by_model))
+        f.write(
+            "\nmemorized = documents whose whole suffix is reproduced by greedy decoding; exact match "
+            "= mean share of suffix tokens reproduced at the same position; MIA scores: higher = "
+            "attack flags the document as trained on (AUC 0.5 = chance).\n"
+        )
+        for path in plots:
+            f.write(f"\n![{os.path.basename(path)}]({os.path.basename(path)})\n")
+    return {"json": json_path, "markdown": md_path, "plots": plots}
