@@ -1,0 +1,413 @@
+"""LLaMA-style decoder in Flax NNX: RMSNorm pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
+
+Shapes: B batch, T query length, S key length (= T in training, cache slots when decoding),
+D d_model, N query heads, K key/value heads, G = N // K query heads per K/V head, H head_dim,
+F d_ff, V vocab.
+
+Every parameter carries logical axis names (``"vocab"``, ``"embed"``, ``"heads"``, ``"kv_heads"``,
+``"head_dim"``, ``"mlp"``, ``"norm"``) in its ``out_sharding`` metadata; ``gf_jax.sharding`` maps them
+to mesh axes, so the model itself never mentions a mesh. Parameters are created without eager
+sharding, so the model can be built anywhere (plain CPU, ``nnx.eval_shape``, or under ``jax.jit``
+with ``out_shardings`` from ``gf_jax.sharding.model_shardings``).
+
+Attention. Training attention is causal and restricted to equal segment ids (packed documents).
+``attention="xla"`` is an explicit einsum/softmax in float32 that runs everywhere. ``"cudnn"`` calls
+``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention, bf16/fp16 only); that public
+API has no segment-id argument, so packed segments are passed as a boolean ``B x 1 x T x T`` mask,
+which cuDNN applies as an additive bias (still flash attention: no ``T x T`` float32 scores per
+head are stored). ``"auto"`` picks cuDNN on GPU when dtype and head_dim allow it, the XLA path
+otherwise (CPU, TPU, float32). KV-cache decoding always uses the XLA path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT = ("none", "full", "save_dots")
+_ATTENTION = ("auto", "xla", "cudnn")
+# Additive mask value: finite so a fully masked row (never produced here) cannot create NaNs.
+_MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture, dtypes and memory policy of the decoder.
+
+    ``param_dtype`` is the storage dtype of the weights (and of the optimizer's view of them);
+    ``dtype`` is the compute dtype of matmuls and activations (``"auto"``: bfloat16 on GPU/TPU,
+    float32 on CPU). Norms, RoPE and the attention softmax always run in float32.
+    ``remat``: ``"none"`` keeps all activations, ``"full"`` recomputes each block in the backward
+    pass, ``"save_dots"`` keeps only the weight matmul outputs
+    (``jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims``).
+    """
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None
+    d_ff: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                f"({self.n_kv_heads}); change one of them."
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) is not divisible by model.n_heads ({self.n_heads}); "
+                "change them or set model.head_dim explicitly."
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.resolved_head_dim}.")
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"model.param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}.")
+        if self.dtype not in (*_DTYPES, "auto"):
+            raise ValueError(f"model.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        if self.remat not in _REMAT:
+            raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}.")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"model.attention must be one of {_ATTENTION}, got {self.attention!r}.")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        """The jnp dtype of activations; ``"auto"`` resolves against the default backend."""
+        if self.dtype == "auto":
+            return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure numerics
+# --------------------------------------------------------------------------------------------
+
+
+def rms_norm(x_BxTxD, scale_D, eps: float, dtype):
+    """RMSNorm in float32 (LLaMA): ``x / sqrt(mean(x^2) + eps) * scale``, returned in ``dtype``."""
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return (x * scale_D.astype(jnp.float32)).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, theta: float):
+    """Rotary embedding, rotate-half convention (HF LLaMA): pairs are (i, i + H/2).
+
+    Angle of pair i at position p is ``p * theta ** (-2i / H)``. Computed in float32.
+    """
+    h = x_BxTxNxH.shape[-1]
+    inv_freq_Hh = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    angle_BxTxHh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hh
+    cos = jnp.cos(angle_BxTxHh)[:, :, None, :]
+    sin = jnp.sin(angle_BxTxHh)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def causal_segment_mask(segment_ids_BxT):
+    """``mask_BxTxT[b, t, s]``: query t may attend key s (s <= t and same segment id)."""
+    t = segment_ids_BxT.shape[1]
+    causal_TxT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return causal_TxT[None] & same_BxTxT
+
+
+def attention_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Softmax attention with grouped K/V heads, scores and softmax in float32.
+
+    Query head n uses K/V head ``n // G`` (as ``jax.nn.dot_product_attention`` and HF ``repeat_kv``);
+    the grouping is a reshape of the queries, so K/V are never repeated in memory.
+    Returns ``out_BxTxNxH`` in the dtype of ``v``.
+    """
+    b, t, n, h = q_BxTxNxH.shape
+    k = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    ) / math.sqrt(h)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(b, t, n, h)
+
+
+def attention_cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
+    """cuDNN flash attention, causal; packed segments enter as a boolean B x 1 x T x T mask."""
+    mask = None if segment_ids_BxT is None else causal_segment_mask(segment_ids_BxT)[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation="cudnn"
+    )
+
+
+def _use_cudnn(config: ModelConfig, dtype, seq_len: int, has_segments: bool) -> bool:
+    if config.attention == "xla":
+        return False
+    if config.attention == "cudnn":
+        return True
+    # "auto": the shapes/dtypes cuDNN flash attention accepts on every supported GPU.
+    h = config.resolved_head_dim
+    return (
+        jax.default_backend() == "gpu"
+        and dtype in (jnp.bfloat16, jnp.float16)
+        and h % 8 == 0
+        and h <= 128
+        and not (has_segments and seq_len % 2)  # bias + odd length is unsupported in training
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+    # eager_sharding=False: the logical names are metadata only; placement happens in
+    # gf_jax.sharding (jit out_shardings), so no mesh is needed to build a model.
+    init = nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, config: ModelConfig):
+        init = nnx.with_partitioning(nnx.initializers.ones, ("norm",), eager_sharding=False)
+        self.scale = nnx.Param(init(jax.random.key(0), (dim,), config.weight_dtype))
+        self.eps = config.norm_eps
+
+    def __call__(self, x_BxTxD, dtype):
+        return rms_norm(x_BxTxD, self.scale[...], self.eps, dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = config.d_model, config.n_heads, config.n_kv_heads, config.resolved_head_dim
+        init, wd = nnx.initializers.normal(config.init_std), config.weight_dtype
+        self.config = config
+        self.wq = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), wd)
+        self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), wd)
+        self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), wd)
+        self.wo = _param(rngs, init, (n, h, d), ("heads", "head_dim", "embed"), wd)
+
+    def _qkv(self, x_BxTxD, positions_BxT, dtype):
+        theta = self.config.rope_theta
+        q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dtype))
+        k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wv[...].astype(dtype))
+        return apply_rope(q, positions_BxT, theta), apply_rope(k, positions_BxT, theta), v
+
+    def _out(self, o_BxTxNxH, dtype):
+        return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, self.wo[...].astype(dtype))
+
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, dtype):
+        q, k, v = self._qkv(x_BxTxD, positions_BxT, dtype)
+        t = x_BxTxD.shape[1]
+        if _use_cudnn(self.config, dtype, t, segment_ids_BxT is not None):
+            o = attention_cudnn(q, k, v, segment_ids_BxT)
+        else:
+            seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros(x_BxTxD.shape[:2], jnp.int32)
+            o = attention_xla(q, k, v, causal_segment_mask(seg))
+        return self._out(o, dtype)
+
+    def decode(self, x_BxTxD, positions_BxT, layer_cache, cache_index_B, dtype):
+        """Write this call's K/V at slots [cache_index, cache_index + T) and attend to the cache."""
+        q, k, v = self._qkv(x_BxTxD, positions_BxT, dtype)
+        cache_k, cache_v = layer_cache["k"], layer_cache["v"]
+        write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
+        cache_k = write(cache_k, k.astype(cache_k.dtype), cache_index_B)
+        cache_v = write(cache_v, v.astype(cache_v.dtype), cache_index_B)
+        t, s = x_BxTxD.shape[1], cache_k.shape[1]
+        # A query in slot i sees slots <= i; slots above it are unwritten (or stale) and masked.
+        slot_BxT = cache_index_B[:, None] + jnp.arange(t)[None, :]
+        mask_BxTxS = jnp.arange(s)[None, None, :] <= slot_BxT[:, :, None]
+        o = attention_xla(q, cache_k.astype(dtype), cache_v.astype(dtype), mask_BxTxS)
+        return self._out(o, dtype), {"k": cache_k, "v": cache_v}
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.d_ff
+        init, wd = nnx.initializers.normal(config.init_std), config.weight_dtype
+        self.w_gate = _param(rngs, init, (d, f), ("embed", "mlp"), wd)
+        self.w_up = _param(rngs, init, (d, f), ("embed", "mlp"), wd)
+        self.w_down = _param(rngs, init, (f, d), ("mlp", "embed"), wd)
+
+    def __call__(self, x_BxTxD, dtype):
+        gate_BxTxF = x_BxTxD @ self.w_gate[...].astype(dtype)
+        up_BxTxF = x_BxTxD @ self.w_up[...].astype(dtype)
+        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.w_down[...].astype(dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model, config)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, h_BxTxD, positions_BxT, segment_ids_BxT):
+        dtype = h_BxTxD.dtype
+        h_BxTxD = h_BxTxD + self.attn(self.attn_norm(h_BxTxD, dtype), positions_BxT, segment_ids_BxT, dtype)
+        return h_BxTxD + self.mlp(self.mlp_norm(h_BxTxD, dtype), dtype)
+
+    def decode(self, h_BxTxD, positions_BxT, layer_cache, cache_index_B):
+        dtype = h_BxTxD.dtype
+        a, layer_cache = self.attn.decode(
+            self.attn_norm(h_BxTxD, dtype), positions_BxT, layer_cache, cache_index_B, dtype
+        )
+        h_BxTxD = h_BxTxD + a
+        return h_BxTxD + self.mlp(self.mlp_norm(h_BxTxD, dtype), dtype), layer_cache
+
+
+def _remat_policy(name: str):
+    return {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[name]
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LLaMA. ``__call__`` returns logits in the compute dtype."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        init, wd = nnx.initializers.normal(config.init_std), config.weight_dtype
+        self.embedding = _param(rngs, init, (config.vocab_size, config.d_model), ("vocab", "embed"), wd)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = RMSNorm(config.d_model, config)
+        if not config.tie_embeddings:
+            self.lm_head = _param(rngs, init, (config.d_model, config.vocab_size), ("embed", "vocab"), wd)
+
+    # ---- training / scoring ---------------------------------------------------------------
+
+    def _check_tokens(self, tokens_BxT):
+        if tokens_BxT.ndim != 2:
+            raise ValueError(f"tokens must have shape (batch, length), got {tokens_BxT.shape}.")
+        if tokens_BxT.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens_BxT.shape[1]} exceeds model.max_seq_len="
+                f"{self.config.max_seq_len}; raise model.max_seq_len or shorten train.seq_len."
+            )
+
+    def embed(self, tokens_BxT):
+        """Token embeddings ``h_BxTxD`` in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.config.compute_dtype)
+
+    def hidden(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None):
+        """Final-normed hidden states ``h_BxTxD`` (compute dtype), the input of the output head.
+
+        ``positions_BxT`` (RoPE positions) defaults to ``arange(T)`` per row; ``segment_ids_BxT``
+        (None: one segment per row) restricts attention to tokens of the same packed document.
+        """
+        self._check_tokens(tokens_BxT)
+        b, t = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h_BxTxD = self.embed(tokens_BxT)
+
+        def run_block(block, h, positions, segments):
+            return block(h, positions, segments)
+
+        if self.config.remat != "none":
+            run_block = nnx.remat(run_block, policy=_remat_policy(self.config.remat))
+        for block in self.blocks:
+            h_BxTxD = run_block(block, h_BxTxD, positions_BxT, segment_ids_BxT)
+        return self.final_norm(h_BxTxD, self.config.compute_dtype)
+
+    def output_weights(self):
+        """``w_DxV`` of the output head in the compute dtype (the embedding transposed if tied)."""
+        w = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return w.astype(self.config.compute_dtype)
+
+    def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None):
+        """Next-token logits ``logits_BxTxV`` in the compute dtype."""
+        h_BxTxD = self.hidden(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
+        return h_BxTxD @ self.output_weights()
+
+    # ---- KV-cache decoding ----------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int) -> list[dict[str, Any]]:
+        """Empty cache: one ``{"k", "v"}`` dict per layer, each ``B x S x K x H`` in the compute dtype."""
+        c = self.config
+        shape = (batch_size, max_len, c.n_kv_heads, c.resolved_head_dim)
+        return [
+            {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
+            for _ in range(c.n_layers)
+        ]
+
+    def decode(self, tokens_BxT, positions_BxT, cache, *, cache_index):
+        """Run T new tokens against the cache; returns ``(logits_BxTxV, new_cache)``.
+
+        The new tokens' K/V go to slots ``[cache_index, cache_index + T)`` (``cache_index``: int
+        scalar or per-row ``B`` vector) and each attends to the slots at or below its own. Slots
+        above a row's cache_index are never visible, so rows of different prompt lengths are
+        handled by right-padding the prompts, prefilling, and continuing each row at its own
+        length (the padded slots are overwritten before they become visible). The caller keeps
+        ``cache_index + T <= max_len`` (``dynamic_update_slice`` would clamp, not fail).
+        """
+        b, t = tokens_BxT.shape
+        cache_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
+        h_BxTxD = self.embed(tokens_BxT)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            h_BxTxD, layer_cache = block.decode(h_BxTxD, positions_BxT, layer_cache, cache_index_B)
+            new_cache.append(layer_cache)
+        h_BxTxD = self.final_norm(h_BxTxD, self.config.compute_dtype)
+        return h_BxTxD @ self.output_weights(), new_cache
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------
+
+
+def _block_matmul_params(config: ModelConfig) -> int:
+    d, h = config.d_model, config.resolved_head_dim
+    attn = d * h * (2 * config.n_heads + 2 * config.n_kv_heads)  # wq, wo, wk, wv
+    mlp = 3 * d * config.d_ff
+    return attn + mlp
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of trainable parameters (embedding, blocks, norms, and the head unless tied)."""
+    per_block = _block_matmul_params(config) + 2 * config.d_model
+    head = 0 if config.tie_embeddings else config.d_model * config.vocab_size
+    return config.vocab_size * config.d_model + config.n_layers * per_block + config.d_model + head
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: ``6 N + 12 L N_h H T``.
+
+    N counts the parameters that take part in matmuls: every block weight and the output head
+    (tied or not; the embedding lookup and the norms cost no matmul). The attention term
+    ``12 * n_layers * n_heads * head_dim * seq_len`` counts QK^T and PV over the full T x T square
+    (no causal discount), as PaLM and MaxText do, so MFU figures compare with theirs.
+    """
+    n_matmul = config.n_layers * _block_matmul_params(config) + config.d_model * config.vocab_size
+    attention = 12 * config.n_layers * config.n_heads * config.resolved_head_dim * seq_len
+    return float(6 * n_matmul + attention)
