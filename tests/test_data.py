@@ -1,0 +1,424 @@
+"""Data pipeline: sources, splitting, canaries, packing with true positions, determinism, resume,
+per-host split, single-pass evaluation, TFDS (ArrayRecord, built locally) and input errors."""
+
+import collections
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gf_jax import data
+from gf_jax.tokenizer import cached_tokenizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
+WIKITEXT = os.path.join(ROOT, "data", "wikitext2_valid.txt")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    with open(SHAKESPEARE, encoding="utf-8") as fh:
+        text = fh.read()[:60_000]
+    return cached_tokenizer([text], 330, str(tmp_path_factory.mktemp("tok")), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory, tok):
+    """The first 300 speeches of Tiny Shakespeare, with the module's tokenizer."""
+    return data.DataConfig(path=SHAKESPEARE, split_rule="blank_line", max_documents=300, tokenizer=tok.path)
+
+
+def random_docs(seed, n=23, max_len=70):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, 300, size=rng.integers(1, max_len)).astype(np.int32) for _ in range(n)]
+
+
+def rows_of_epoch(it):
+    """All rows of the first epoch (global_batch 1 -> one row per step)."""
+    return [it.batch(s) for s in range(it.rows_per_epoch)]
+
+
+def targets_seen(batches, docs):
+    """(doc, position) -> list of (target, weight) for every input token, using doc_ids/positions."""
+    seen = collections.defaultdict(list)
+    for b in batches:
+        for r in range(b["inputs_BxT"].shape[0]):
+            for c in range(b["inputs_BxT"].shape[1]):
+                d, p = int(b["doc_ids_BxT"][r, c]), int(b["positions_BxT"][r, c])
+                if d < 0:
+                    assert b["weights_BxT"][r, c] == 0 and b["segment_ids_BxT"][r, c] == 0
+                    continue
+                assert b["inputs_BxT"][r, c] == docs[d][p]  # the true position within the document
+                if b["weights_BxT"][r, c] > 0:
+                    seen[(d, p)].append(int(b["targets_BxT"][r, c]))
+    return seen
+
+
+# ---------------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_every_transition_is_a_weighted_target_exactly_once_per_epoch(mode):
+    docs = random_docs(0)
+    it = data.BatchIterator(docs, global_batch=1, seq_len=16, seed=3, process_index=0, process_count=1,
+                            mode=mode, pad_id=0, prefetch=0, with_doc_ids=True)
+    seen = targets_seen(rows_of_epoch(it), docs)
+    expected = {(d, p): [int(t[p + 1])] for d, t in enumerate(docs) for p in range(len(t) - 1)}
+    assert dict(seen) == expected
+
+
+def test_unpacking_a_packed_epoch_gives_back_the_documents():
+    docs = random_docs(1, n=15, max_len=50)
+    it = data.BatchIterator(docs, global_batch=1, seq_len=12, seed=0, process_index=0, process_count=1,
+                            shuffle=False, prefetch=0)
+    # In stream order, the pieces concatenated (one-token overlaps removed) are the documents.
+    pieces = [p for b in rows_of_epoch(it) for row in data.unpack_batch(b) for p in row]
+    rebuilt, current = [], None
+    for start, toks in pieces:
+        if start == 0:
+            current = list(toks)
+            rebuilt.append(current)
+        else:
+            assert start == len(current) - 1  # continues where the previous row ended (overlap 1)
+            current.extend(toks[1:])
+    assert len(rebuilt) == len(docs)
+    for got, want in zip(rebuilt, docs):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_segments_positions_and_boundary_weights_of_one_packed_row():
+    docs = [np.arange(10, 15, dtype=np.int32), np.arange(20, 24, dtype=np.int32), np.arange(30, 40, dtype=np.int32)]
+    it = data.BatchIterator(docs, global_batch=1, seq_len=12, seed=0, process_index=0, process_count=1,
+                            shuffle=False, prefetch=0)
+    b = it.batch(0)
+    # Row = tokens 0..12 of the stream 10..14 | 20..23 | 30..39.
+    np.testing.assert_array_equal(b["inputs_BxT"][0], [10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32])
+    np.testing.assert_array_equal(b["targets_BxT"][0], [11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32, 33])
+    np.testing.assert_array_equal(b["positions_BxT"][0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2])
+    np.testing.assert_array_equal(b["segment_ids_BxT"][0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(b["weights_BxT"][0], [1, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1])
+    # The second row continues the last document at its true position 3 and is padded after it.
+    b = it.batch(1)
+    np.testing.assert_array_equal(b["positions_BxT"][0][:6], [3, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(b["inputs_BxT"][0][:6], [33, 34, 35, 36, 37, 38])
+    # Token 39 (the document's last) is an input whose target is padding: in segment 1, weight 0.
+    np.testing.assert_array_equal(b["inputs_BxT"][0][6:], [39] + [0] * 5)
+    np.testing.assert_array_equal(b["segment_ids_BxT"][0], [1] * 7 + [0] * 5)
+    np.testing.assert_array_equal(b["weights_BxT"][0], [1] * 6 + [0] * 6)
+    assert it.rows_per_epoch == 2
+    assert {k: v.dtype for k, v in b.items()} == {
+        "inputs_BxT": np.int32, "targets_BxT": np.int32, "positions_BxT": np.int32,
+        "segment_ids_BxT": np.int32, "weights_BxT": np.float32}
+
+
+def test_document_mode_pads_each_document_and_splits_long_ones_with_true_positions():
+    docs = [np.arange(100, 105, dtype=np.int32), np.arange(200, 220, dtype=np.int32)]
+    it = data.BatchIterator(docs, global_batch=3, seq_len=8, seed=0, process_index=0, process_count=1,
+                            mode="document", pad_id=3, shuffle=False, prefetch=0)
+    b = it.batch(0)
+    np.testing.assert_array_equal(b["inputs_BxT"][0], [100, 101, 102, 103, 104, 3, 3, 3])
+    np.testing.assert_array_equal(b["weights_BxT"][0], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["segment_ids_BxT"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+    # 20 tokens, 19 targets, T=8 -> rows start at positions 0, 8, 16.
+    np.testing.assert_array_equal(b["positions_BxT"][1], np.arange(8))
+    np.testing.assert_array_equal(b["positions_BxT"][2], np.arange(8, 16))
+    np.testing.assert_array_equal(b["inputs_BxT"][2], np.arange(208, 216))
+    np.testing.assert_array_equal(b["targets_BxT"][2], np.arange(209, 217))
+    assert b["weights_BxT"][1:].all()
+    assert it.rows_per_epoch == 4
+    last = it.batch(1)["positions_BxT"][0]
+    np.testing.assert_array_equal(last[:3], [16, 17, 18])
+
+
+# --------------------------------------------------------------------------- determinism and resume
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    docs = random_docs(2, n=40)
+    make = lambda seed, prefetch: data.BatchIterator(docs, global_batch=4, seq_len=16, seed=seed, process_index=0,
+                                                     process_count=1, prefetch=prefetch)
+    a, b, c = make(0, 2), make(0, 0), make(1, 0)
+    first = [next(a) for _ in range(12)]  # prefetched on a thread
+    for s, batch in enumerate(first):
+        unprefetched, random_access = next(b), a.batch(s)
+        for k in batch:
+            np.testing.assert_array_equal(batch[k], unprefetched[k])
+            np.testing.assert_array_equal(batch[k], random_access[k])
+    assert any(not np.array_equal(x["inputs_BxT"], c.batch(s)["inputs_BxT"]) for s, x in enumerate(first))
+    a.close()
+
+
+def test_each_epoch_is_reshuffled_and_covers_every_row_once():
+    docs = random_docs(3, n=30)
+    it = data.BatchIterator(docs, global_batch=1, seq_len=16, seed=0, process_index=0, process_count=1,
+                            prefetch=0, with_doc_ids=True)
+    R = it.rows_per_epoch
+    epoch0 = [it.batch(s) for s in range(R)]
+    epoch1 = [it.batch(s) for s in range(R, 2 * R)]
+    assert it.epoch_of(R - 1) == 0 and it.epoch_of(R) == 1
+    order = lambda ep: [int(b["doc_ids_BxT"][0, 0]) for b in ep]
+    assert order(epoch0) != order(epoch1)
+    expected = {(d, p): [int(t[p + 1])] for d, t in enumerate(docs) for p in range(len(t) - 1)}
+    assert dict(targets_seen(epoch0, docs)) == expected
+    assert dict(targets_seen(epoch1, docs)) == expected
+
+
+def test_resume_yields_exactly_the_uninterrupted_batches():
+    docs = random_docs(4, n=20)
+    kw = dict(global_batch=4, seq_len=16, seed=7, process_index=0, process_count=1)
+    straight = data.BatchIterator(docs, **kw)
+    expected = [next(straight) for _ in range(40)]  # crosses several epochs
+    assert straight.epoch_of(39) >= 2
+    straight.close()
+
+    first = data.BatchIterator(docs, **kw)
+    for _ in range(13):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))  # goes through a checkpoint as JSON
+    first.close()
+    assert state["step"] == 13
+    resumed = data.BatchIterator(docs, **kw)
+    resumed.set_state(state)
+    for want in expected[13:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    resumed.close()
+
+    other = data.BatchIterator(docs, **{**kw, "seed": 8})
+    with pytest.raises(ValueError, match="different data or settings"):
+        other.set_state(state)
+
+
+# ------------------------------------------------------------------------------------ multi-host
+
+
+def test_each_process_reads_a_disjoint_share_and_together_all(small_config, tok):
+    config = data.DataConfig(**{**small_config.__dict__, "validation_fraction": 0.2})
+    train_ids = {d.id for d in data.load_documents(config, "train")}
+    shares = []
+    for pi in range(3):
+        it = data.make_train_iterator(config, tok, global_batch=6, seq_len=32, process_index=pi, process_count=3,
+                                      prefetch=0, with_doc_ids=True)
+        assert it.local_batch == 2 and next(it)["inputs_BxT"].shape == (2, 32)
+        ids = [d.id for d in it.documents]
+        shares.append(set(ids))
+        assert len(ids) == len(set(ids))
+        # Batches of a process only ever hold its own documents.
+        seen = {int(d) for s in range(5) for d in it.batch(s)["doc_ids_BxT"].ravel() if d >= 0}
+        assert seen <= set(range(len(ids)))
+    assert sum(len(s) for s in shares) == len(set().union(*shares))
+    assert set().union(*shares) == train_ids
+
+
+def test_process_share_is_disjoint_and_complete():
+    for n in (0, 1, 7, 100):
+        for count in (1, 3, 8):
+            shares = [list(data.process_share(n, i, count)) for i in range(count)]
+            assert sorted(sum(shares, [])) == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_eval_pass_counts_every_target_once_over_processes():
+    docs = random_docs(5, n=37)
+    per_process = [list(data.eval_batches(docs, global_batch=4, seq_len=16, process_index=pi, process_count=2,
+                                          with_doc_ids=True)) for pi in range(2)]
+    assert len(per_process[0]) == len(per_process[1]) > 0
+    seen = collections.defaultdict(list)
+    for batches in per_process:
+        for k, v in targets_seen(batches, docs).items():
+            seen[k] += v
+    assert dict(seen) == {(d, p): [int(t[p + 1])] for d, t in enumerate(docs) for p in range(len(t) - 1)}
+    total = sum(b["weights_BxT"].sum() for bs in per_process for b in bs)
+    assert total == sum(len(t) - 1 for t in docs)
+
+
+def test_to_global_batch_assembles_on_the_mesh():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    docs = random_docs(6)
+    local = data.BatchIterator(docs, global_batch=8, seq_len=16, process_index=0, process_count=1,
+                               prefetch=0).batch(0)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    glob = data.to_global_batch(local, sharding)
+    for k, v in local.items():
+        assert glob[k].shape == v.shape and glob[k].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(glob[k]), v)
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+def test_wikitext_articles_on_a_slice_of_the_real_file(tmp_path):
+    with open(WIKITEXT, encoding="utf-8-sig") as fh:
+        lines = fh.read().split("\n")[:400]
+    text = "\n".join(lines)
+    docs = data.split_wikitext(text)
+    titles = [l for l in lines if l.startswith(" = ") and not l.startswith(" = = ") and l.endswith(" = ")]
+    assert len(titles) >= 2 and len(docs) == len(titles)
+    for doc, title in zip(docs, titles):
+        assert doc.split("\n")[0].strip() == title.strip()
+        assert " = = " not in doc.split("\n")[0]
+    assert sum(" = = " in d for d in docs) > 0  # section headings stay inside their article
+    # Nothing is lost: every non-blank line is in exactly one article.
+    assert sorted(l.strip() for d in docs for l in d.split("\n") if l.strip()) == sorted(
+        l.strip() for l in lines if l.strip())
+    # The whole embedded file has its 60 articles.
+    whole = data.read_text_documents(WIKITEXT, "wikitext")
+    assert len(whole) == 60 and whole[0].id == "wikitext2_valid.txt#0"
+    assert whole[0].text.startswith("= Homarus gammarus =")
+
+
+def test_text_sources_blank_lines_and_folders(tmp_path):
+    assert data.split_blank_lines("a\nb\n\n\nc\n \n d\n") == ["a\nb", "c", " d"]
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("bee\n\nbuzz", encoding="utf-8")
+    (folder / "sub" / "a.txt").write_text("ant", encoding="utf-8")
+    (folder / "skip.md").write_text("not text", encoding="utf-8")
+    docs = data.read_text_documents(str(folder), "file")
+    assert [(d.id, d.text) for d in docs] == [("b.txt", "bee\n\nbuzz"), ("sub/a.txt", "ant")]
+    docs = data.read_text_documents(str(folder), "blank_line")
+    assert [d.id for d in docs] == ["b.txt#0", "b.txt#1", "sub/a.txt#0"]
+    shakespeare = data.load_documents(data.DataConfig(path=SHAKESPEARE))
+    assert len(shakespeare) > 7000 and shakespeare[0].text == "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+def test_jsonl_source_ids_and_line_errors(tmp_path):
+    good = tmp_path / "docs.jsonl"
+    good.write_text('{"id": "x1", "body": "one"}\n\n{"id": 2, "body": "two"}\n', encoding="utf-8")
+    docs = data.load_documents(data.DataConfig(source="jsonl", path=str(good), text_field="body", id_field="id"))
+    assert [(d.id, d.text) for d in docs] == [("x1", "one"), ("2", "two")]
+    docs = data.load_documents(data.DataConfig(source="jsonl", path=str(good), text_field="body"))
+    assert [d.id for d in docs] == ["docs.jsonl:1", "docs.jsonl:3"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "ok"}\n{"body": oops}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        data.load_documents(data.DataConfig(source="jsonl", path=str(bad), text_field="body"))
+    with pytest.raises(ValueError, match=r"docs\.jsonl:1: no string field 'text'"):
+        data.load_documents(data.DataConfig(source="jsonl", path=str(good)))
+
+
+def test_bad_input_errors(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_documents(data.DataConfig(path=str(tmp_path / "missing.txt")))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no documents found"):
+        data.load_documents(data.DataConfig(path=str(empty)))
+    with pytest.raises(ValueError, match="data.mode"):
+        data.DataConfig(mode="bogus")
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        data.check_vocab_fits(tok, 256)
+    data.check_vocab_fits(tok, tok.vocab_size)
+    tokens = [np.zeros(80, np.int32), np.zeros(30, np.int32)]
+    with pytest.raises(ValueError, match="1 of 2 documents are shorter than the 64 tokens.*'b'"):
+        data.check_documents_long_enough(tokens, 64, ids=["a", "b"])
+
+
+# -------------------------------------------------------------------------- splits and canaries
+
+
+def test_validation_split_is_stable_disjoint_and_complete(small_config):
+    config = data.DataConfig(**{**small_config.__dict__, "validation_fraction": 0.25})
+    train, val = data.load_documents(config, "train"), data.load_documents(config, "validation")
+    all_ids = [d.id for d in data.load_documents(config)]
+    assert sorted(d.id for d in train + val) == sorted(all_ids)
+    assert 0.15 < len(val) / len(all_ids) < 0.35
+    reseeded = data.DataConfig(**{**config.__dict__, "seed": 5})
+    assert [d.id for d in data.load_documents(reseeded, "validation")] == [d.id for d in val]
+
+
+def test_canaries_are_injected_n_times_at_recorded_places(small_config, tok):
+    config = data.DataConfig(**{**small_config.__dict__, "canary_path": WIKITEXT, "canary_count": 4,
+                                "canary_repeats": 5, "canary_seed": 1, "validation_fraction": 0.5})
+    injected, held_out = data.load_canaries(config)
+    assert len(injected) == 4 and len(held_out) == 56
+    assert all(d.id.startswith("canary/wikitext2_valid.txt#") for d in injected + held_out)
+    stream = data.document_stream(config)
+    assert len(stream) == 300 + 4 * 5
+    assert set(stream.canary_record) == {d.id for d in injected}
+    for cid, places in stream.canary_record.items():
+        assert len(places) == 5 and all(stream[i].id == cid for i in places)
+    ids = [stream[i].id for i in range(len(stream))]
+    assert collections.Counter(i for i in ids if i.startswith("canary/")) == {d.id: 5 for d in injected}
+    # The background keeps its order around the canaries; places are spread, not bunched.
+    assert [i for i in ids if not i.startswith("canary/")] == [d.id for d in data.read_background(config)]
+    assert np.std(sorted(p for ps in stream.canary_record.values() for p in ps)) > 50
+    # Canaries are always training documents, held-out canaries never are.
+    train_ids = {d.id for d in data.load_documents(config, "train")}
+    assert {d.id for d in injected} <= train_ids and not {d.id for d in held_out} & train_ids
+    it = data.make_train_iterator(config, tok, global_batch=2, seq_len=64, process_index=0, process_count=1,
+                                  prefetch=0)
+    assert collections.Counter(d.id for d in it.documents if d.id.startswith("canary/")) == {d.id: 5 for d in injected}
+    # Same seed, same places; another seed, other places.
+    assert data.document_stream(config).canary_record == stream.canary_record
+    moved = data.document_stream(data.DataConfig(**{**config.__dict__, "canary_seed": 2}))
+    assert moved.canary_record != stream.canary_record
+
+
+def test_train_iterator_on_text_uses_bos_eos_and_the_tokenizer(small_config, tok):
+    it = data.make_train_iterator(small_config, tok, global_batch=4, seq_len=64, process_index=0,
+                                  process_count=1, prefetch=0, with_doc_ids=True)
+    b = it.batch(0)
+    starts = (b["positions_BxT"] == 0) & (b["segment_ids_BxT"] > 0)
+    assert (b["inputs_BxT"][starts] == tok.bos_id).all()
+    ends = (b["weights_BxT"] == 0) & (b["segment_ids_BxT"] > 0) & (b["targets_BxT"] == tok.bos_id)
+    assert (b["inputs_BxT"][ends] == tok.eos_id).all()
+    d = int(b["doc_ids_BxT"][0, 0])
+    assert tok.decode([data.tokenize_documents([it.documents[d]], tok)[0][1:-1].tolist()]) == [it.documents[d].text]
+
+
+# ------------------------------------------------------------------------------------------- TFDS
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_builder_class():
+    """A 40 + 6 document text dataset (defined once: TFDS registers builder names globally)."""
+    import tensorflow_datasets as tfds
+
+    class GfTinyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"text": tfds.features.Text(), "title": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(40), "validation": self._generate_examples(6, "v")}
+
+        def _generate_examples(self, n, tag=""):
+            for i in range(n):
+                yield f"{tag}{i}", {"text": f"Document {tag}{i}: " + "to be or not to be. " * (i % 5 + 1),
+                                    "title": f"doc-{tag}{i}"}
+
+    return GfTinyText
+
+
+def _tiny_tfds(data_dir):
+    """Builds the dataset in ArrayRecord format under ``data_dir`` (no network, no TensorFlow)."""
+    _tiny_builder_class()(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return "gf_tiny_text"
+
+
+def test_tfds_source_reads_arrayrecord_with_slicing_and_per_host_shares(tmp_path, tok):
+    name = _tiny_tfds(str(tmp_path))
+    config = data.DataConfig(source="tfds", tfds_name=name, tfds_split="train[:50%]", tfds_data_dir=str(tmp_path),
+                             tokenizer=tok.path)
+    docs = data.load_documents(config)
+    assert len(docs) == 20 and len({d.text for d in docs}) == 20
+    assert all(d.text.startswith("Document ") for d in docs) and docs[3].id == f"{name}/train[:50%]#3"
+    titled = data.load_documents(data.DataConfig(**{**config.__dict__, "id_field": "title", "tfds_split": "validation"}))
+    assert sorted(d.id for d in titled) == sorted(f"doc-v{i}" for i in range(6))
+    shares = [data.make_train_iterator(config, tok, global_batch=4, seq_len=32, process_index=pi, process_count=2,
+                                       prefetch=0).documents for pi in range(2)]
+    assert sorted(d.id for s in shares for d in s) == sorted(d.id for d in docs)
+    assert not {d.id for d in shares[0]} & {d.id for d in shares[1]}
+    with pytest.raises(FileNotFoundError, match="could not be opened"):
+        data.load_documents(data.DataConfig(source="tfds", tfds_name="no_such_dataset", tfds_data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="no feature 'body'"):
+        data.load_documents(data.DataConfig(**{**config.__dict__, "tfds_text_feature": "body"}))
