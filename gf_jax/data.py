@@ -29,6 +29,7 @@ import queue
 import re
 import sys
 import threading
+import weakref
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -705,25 +706,11 @@ class BatchIterator:
     def _start(self):
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        self._thread = threading.Thread(target=self._produce, args=(self._step, self._stop, self._queue),
+        # The thread holds only a weak reference, so an iterator dropped without close() is
+        # collected and its thread ends instead of waiting forever on a full queue.
+        self._thread = threading.Thread(target=_produce, args=(weakref.ref(self), self._step, self._stop, self._queue),
                                         daemon=True, name="gf_jax-data-prefetch")
         self._thread.start()
-
-    def _produce(self, step: int, stop: threading.Event, q: queue.Queue):
-        while not stop.is_set():
-            try:
-                item = (step, self.batch(step))
-            except BaseException as e:  # surfaced in the consumer's next()
-                item = (step, e)
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item[1], BaseException):
-                return
-            step += 1
 
     def close(self):
         """Stops the prefetch thread (iteration can continue; it restarts on demand)."""
@@ -766,6 +753,29 @@ class BatchIterator:
                              "config, or pass strict=False to accept different batches.")
         self.close()
         self._step = int(state["step"])
+
+
+def _produce(ref, step: int, stop: threading.Event, q: queue.Queue):
+    """Prefetch loop: computes batches step, step+1, ... into ``q`` until stopped or orphaned."""
+    while not stop.is_set():
+        it = ref()
+        if it is None:
+            return
+        try:
+            item = (step, it.batch(step))
+        except BaseException as e:  # surfaced in the consumer's next()
+            item = (step, e)
+        del it
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                if ref() is None:
+                    return
+        if isinstance(item[1], BaseException):
+            return
+        step += 1
 
 
 def eval_batches(tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: int, pad_id: int = 0,
