@@ -122,13 +122,22 @@ def _shift_right(x_BxT, j: int, fill):
     """x shifted j columns to the right along T: out[:, t] = x[:, t - j] (``fill`` for t < j)."""
     if j == 0:
         return x_BxT
-    pad = jnp.full(x_BxT.shape[:-1] + (j,), fill, x_BxT.dtype)
-    return jnp.concatenate([pad, x_BxT[..., :-j]], axis=-1)
+    if j >= x_BxT.shape[-1]:
+        return jnp.full_like(x_BxT, fill)
+    # lax.pad with a negative high edge shifts without slicing, so it also works when T is sharded
+    # over an explicit mesh axis (a slice of T - j columns is not divisible by the mesh).
+    config = [(0, 0, 0)] * (x_BxT.ndim - 1) + [(j, -j, 0)]
+    return jax.lax.pad(x_BxT, jnp.asarray(fill, x_BxT.dtype), config)
 
 
-def _default_positions(targets_BxT):
+def _columns_like(targets_BxT):
+    """Column index of every target. Built from ``targets_BxT`` so it inherits its sharding
+    (explicit-sharding meshes reject mixing replicated and sharded operands in ``where``)."""
     T = targets_BxT.shape[-1]
-    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), targets_BxT.shape)
+    return jnp.zeros_like(targets_BxT, jnp.int32) + jnp.arange(T, dtype=jnp.int32)
+
+
+_default_positions = _columns_like  # without positions, every row starts a document
 
 
 def context_hash(targets_BxT, positions_BxT, h: int, seed: int):
@@ -139,13 +148,11 @@ def context_hash(targets_BxT, positions_BxT, h: int, seed: int):
     document's first targets are hashed consistently wherever the document sits. ``complete`` is
     False where the window reaches before column 0 (a row that starts mid-document).
     """
-    T = targets_BxT.shape[-1]
     tokens_BxT = targets_BxT.astype(jnp.int32).astype(_U32)
     window_BxT = jnp.minimum(positions_BxT.astype(jnp.int32), h)
-    column_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), targets_BxT.shape)
-    complete_BxT = window_BxT <= column_BxT
+    complete_BxT = window_BxT <= _columns_like(targets_BxT)
 
-    acc_BxT = jnp.full(targets_BxT.shape, _fmix32(_U32(seed) ^ _U32(0x9E3779B9)), _U32)
+    acc_BxT = jnp.zeros_like(tokens_BxT) + _fmix32(_U32(seed) ^ _U32(0x9E3779B9))
     for j in range(1, h + 1):  # loop over the h window offsets (static), vectorised over B and T
         word_BxT = _shift_right(tokens_BxT, j, _U32(0))
         acc_BxT = jnp.where(j <= window_BxT, _murmur_round(acc_BxT, word_BxT), acc_BxT)
@@ -217,7 +224,6 @@ def _hash_table_drop(targets_BxT, config: GoldfishConfig, table):
     """Reference rule: for column p >= h-1, key = wrapping int64 product of targets[p-h+1 .. p]
     (the window includes the target), floor-mod 1,000,003; dropped iff table[key] < 1/k (compared
     in float32, as torch does). Columns p < h-1 are never dropped. Positions are ignored."""
-    T = targets_BxT.shape[-1]
     ids_BxT = targets_BxT.astype(jnp.int32)
     lo_BxT = ids_BxT.astype(_U32)
     hi_BxT = jnp.where(ids_BxT < 0, _U32(0xFFFFFFFF), _U32(0))  # sign extension to int64
@@ -233,8 +239,10 @@ def _hash_table_drop(targets_BxT, config: GoldfishConfig, table):
         raise ValueError(
             f"hash-table needs a 1-D float table of at least {TABLE_SIZE} entries, got shape {table.shape}."
         )
-    column_BxT = jnp.arange(T, dtype=jnp.int32)
-    return (table[key_BxT] < jnp.float32(1.0 / config.k)) & (column_BxT >= config.h - 1)
+    # .at[].get with the keys' sharding: a plain gather from a replicated constant has no output
+    # sharding under an explicit mesh.
+    value_BxT = table.at[key_BxT].get(out_sharding=jax.typeof(key_BxT).sharding)
+    return (value_BxT < jnp.float32(1.0 / config.k)) & (_columns_like(targets_BxT) >= config.h - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +274,7 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, rn
             )
 
     if config.strategy == "none":
-        return jnp.zeros(targets_BxT.shape, bool)
+        return jnp.zeros_like(targets_BxT, bool)
     if config.strategy == "hash":
         drop_BxT = _hash_drop(targets_BxT, positions_BxT, config)
     elif config.strategy == "hash-table":
