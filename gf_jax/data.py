@@ -403,12 +403,29 @@ def load_documents(config: DataConfig, split: str = "all") -> list[Document]:
     """
     _check_split(split)
     background = read_background(config)
-    docs = list(background if not isinstance(background, TfdsDocuments) else background.get_many(range(len(background))))
+    docs = [d for chunk in _chunks(background, range(len(background))) for d in chunk]
     if config.canary_repeats:
         docs += load_canaries(config)[0]
     if split != "all":
         docs = [d for d in docs if split_of(d.id, config.validation_fraction) == split]
     return docs
+
+
+def _chunks(docs: Sequence[Document], indices: Sequence[int], size: int = 4096) -> Iterator[list[Document]]:
+    """Documents at ``indices`` in chunks (one read per chunk on random-access sources), with a
+    progress bar on large reads."""
+    bar = None
+    if len(indices) > 5 * size:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc="reading documents", unit="doc", file=sys.stderr)
+    for start in range(0, len(indices), size):
+        part = indices[start:start + size]
+        yield docs.get_many(part) if hasattr(docs, "get_many") else [docs[i] for i in part]
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
 
 
 def documents_by_id(docs: Sequence[Document]) -> dict[str, Document]:
@@ -475,9 +492,7 @@ def load_tokenizer(config: DataConfig, *, max_chars: int = 50_000_000):
         return Tokenizer.load(config.tokenizer)
     background = read_background(config)
     texts, n_chars = [], 0
-    for start in range(0, len(background), 4096):
-        chunk = (background.get_many(range(start, min(start + 4096, len(background))))
-                 if isinstance(background, TfdsDocuments) else background[start:start + 4096])
+    for chunk in _chunks(background, range(len(background))):
         for d in chunk:
             if split_of(d.id, config.validation_fraction) == "train":
                 texts.append(d.text)
@@ -819,7 +834,7 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
     pi, pc = _default_process(process_index, process_count)
     stream = document_stream(config)
     share = process_share(len(stream), pi, pc)
-    docs = [d for d in stream.get_many(share) if split_of(d.id, config.validation_fraction) == split]
+    docs = [d for chunk in _chunks(stream, share) for d in chunk if split_of(d.id, config.validation_fraction) == split]
     if not docs:
         raise ValueError(f"process {pi} of {pc} got no {split} documents out of {len(stream)}; use more documents, "
                          "fewer processes or a larger data.validation_fraction.")

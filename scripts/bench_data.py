@@ -1,0 +1,129 @@
+"""Data pipeline throughput next to what a training step of the tiny config consumes.
+
+    .venv/bin/python scripts/bench_data.py            # tiny config: batch 16 x 128, vocab 512
+    .venv/bin/python scripts/bench_data.py --cores 2 --steps 10 --rounds 5 --global-batch 16 --seq-len 128
+
+Measured side by side in one run (same machine, same cores):
+  1. tokenization of the whole corpus (one-off, before training), tokens/s;
+  2. batch assembly (``BatchIterator.batch``: packing, positions, segments, weights), tokens/s;
+  3. a jitted training step of the tiny model (forward + backward + AdamW, goldfish loss), on
+     a batch that is already in memory, tokens/s consumed;
+  4. the same training loop fed by the prefetching iterator: the slowdown against (3) is the
+     time the accelerator waits on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cores", type=int, default=2, help="CPU cores to pin the process to")
+    parser.add_argument("--corpus", default="data/tinyshakespeare.txt")
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per round and variant")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))[: args.cores]
+        os.sched_setaffinity(0, cores)
+        print(f"pinned to cores {cores}")
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from gf_jax import data
+    from gf_jax.goldfish import GoldfishConfig, loss_fn
+    from gf_jax.model import ModelConfig, Transformer
+
+    config = data.DataConfig(path=args.corpus, vocab_size=args.vocab_size)
+    tokenizer = data.load_tokenizer(config)  # cached after the first run
+    B, T = args.global_batch, args.seq_len
+    tokens_per_step = B * T
+
+    # 1. Tokenization (once per run).
+    docs = data.load_documents(config, "train")
+    t0 = time.perf_counter()
+    tokens = data.tokenize_documents(docs, tokenizer, config.add_bos, config.add_eos)
+    t_tok = time.perf_counter() - t0
+    n_tokens = sum(len(t) for t in tokens)
+    tok_rate = n_tokens / t_tok
+
+    # 2. Batch assembly, no prefetch (pure host cost per batch), over more than one epoch boundary.
+    it = data.BatchIterator(tokens, global_batch=B, seq_len=T, seed=0, process_index=0, process_count=1,
+                            pad_id=tokenizer.pad_id, prefetch=0)
+    it.batch(0)
+    n_batches = 300
+    t0 = time.perf_counter()
+    for s in range(n_batches):
+        it.batch(s)
+    t_batch = (time.perf_counter() - t0) / n_batches
+    batch_rate = tokens_per_step / t_batch
+
+    # 3. Tiny training step (jitted), fed one fixed batch.
+    model_config = ModelConfig(vocab_size=args.vocab_size, max_seq_len=max(256, T))
+    data.check_vocab_fits(tokenizer, model_config.vocab_size)
+    model = Transformer(model_config, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    gl = GoldfishConfig(k=4, h=13)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        def loss_of(model):
+            logits = model(batch["inputs_BxT"], positions_BxT=batch["positions_BxT"],
+                           segment_ids_BxT=batch["segment_ids_BxT"])
+            loss, _ = loss_fn(logits, batch["targets_BxT"], gl, weights_BxT=batch["weights_BxT"],
+                              positions_BxT=batch["positions_BxT"])
+            return loss
+
+        loss, grads = nnx.value_and_grad(loss_of)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    fixed = {k: jnp.asarray(v) for k, v in it.batch(0).items()}
+    fed = data.BatchIterator(tokens, global_batch=B, seq_len=T, seed=0, process_index=0, process_count=1,
+                             pad_id=tokenizer.pad_id, prefetch=2)
+    jax.block_until_ready(train_step(model, optimizer, fixed))  # compile
+
+    def timed(feed):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = train_step(model, optimizer, feed())
+        jax.block_until_ready(loss)
+        return (time.perf_counter() - t0) / args.steps
+
+    # 3 and 4 alternate over rounds (median per variant), so load from other processes on the
+    # machine hits both alike.
+    fixed_times, fed_times = [], []
+    for _ in range(args.rounds):
+        fixed_times.append(timed(lambda: fixed))
+        fed_times.append(timed(lambda: {k: jnp.asarray(v) for k, v in next(fed).items()}))
+    fed.close()
+    t_step, t_fed = float(np.median(fixed_times)), float(np.median(fed_times))
+    step_rate = tokens_per_step / t_step
+
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, corpus {args.corpus}: "
+          f"{len(docs):,} documents, {n_tokens:,} tokens (vocab {tokenizer.vocab_size})")
+    print(f"{'stage':44s} {'tokens/s':>12s} {'ms/batch':>9s}")
+    print(f"{'tokenization (once, before training)':44s} {tok_rate:12,.0f} {'':>9s}")
+    print(f"{'batch assembly (host, per batch)':44s} {batch_rate:12,.0f} {t_batch * 1e3:9.2f}")
+    print(f"{f'training step, tiny model, batch {B}x{T}':44s} {step_rate:12,.0f} {t_step * 1e3:9.2f}")
+    print(f"{'training step fed by the prefetching pipeline':44s} {tokens_per_step / t_fed:12,.0f} {t_fed * 1e3:9.2f}")
+    print(f"batch assembly is {batch_rate / step_rate:.0f}x faster than the step consumes; "
+          f"feeding from the pipeline changes the step time by {100 * (t_fed / t_step - 1):+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
