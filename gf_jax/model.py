@@ -29,11 +29,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gf_jax.sharding import constrain
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REMAT = ("none", "full", "save_dots")
 _ATTENTION = ("auto", "xla", "cudnn")
 # Additive mask value: finite so a fully masked row (never produced here) cannot create NaNs.
 _MASK_VALUE = -1e30
+# Logical axes of the residual stream: batch-sharded, replicated along length and d_model. Without
+# this hint, propagation may follow the fsdp-sharded weights and split activations along d_model.
+_RESIDUAL = ("batch", "length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +321,11 @@ class Transformer(nnx.Module):
 
     def embed(self, tokens_BxT):
         """Token embeddings ``h_BxTxD`` in the compute dtype."""
-        return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.config.compute_dtype)
+        # Gather from a table whole along d_model (fsdp all-gathers it, like every other weight):
+        # a gather from a d_model-sharded table into a batch-sharded output has no efficient
+        # SPMD partitioning and would be fully rematerialised.
+        table_VxD = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.config.compute_dtype)
 
     def hidden(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None):
         """Final-normed hidden states ``h_BxTxD`` (compute dtype), the input of the output head.
@@ -328,7 +337,7 @@ class Transformer(nnx.Module):
         b, t = tokens_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h_BxTxD = self.embed(tokens_BxT)
+        h_BxTxD = constrain(self.embed(tokens_BxT), _RESIDUAL)
 
         def run_block(block, h, positions, segments):
             return block(h, positions, segments)
@@ -336,7 +345,7 @@ class Transformer(nnx.Module):
         if self.config.remat != "none":
             run_block = nnx.remat(run_block, policy=_remat_policy(self.config.remat))
         for block in self.blocks:
-            h_BxTxD = run_block(block, h_BxTxD, positions_BxT, segment_ids_BxT)
+            h_BxTxD = constrain(run_block(block, h_BxTxD, positions_BxT, segment_ids_BxT), _RESIDUAL)
         return self.final_norm(h_BxTxD, self.config.compute_dtype)
 
     def output_weights(self):

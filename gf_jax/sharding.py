@@ -1,0 +1,161 @@
+"""Device mesh and the table that maps logical axis names to mesh axes.
+
+The mesh has three axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp``
+(data parallelism with parameters, gradients and optimizer state sharded, ZeRO-3 style) and
+``tensor`` (Megatron-style model parallelism over heads, MLP width and vocabulary). The batch is
+split over ``data`` x ``fsdp``. A parameter dimension is split only if the mesh axis size divides
+it; otherwise that dimension stays replicated, so one config runs on 1 CPU device, 8 simulated ones,
+a GPU or a TPU pod slice (e.g. 4 key/value heads on ``tensor=8`` are replicated, not an error).
+
+Meshes use ``AxisType.Auto``: shardings are given at the ``jax.jit`` boundary and XLA's
+propagation (GSPMD) places everything in between; :func:`constrain` adds hints on activations when
+a mesh is set with ``jax.set_mesh``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 to take all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the -1 axis of ``config`` against ``num_devices``; raises if they do not fit."""
+    sizes = [config.data, config.fsdp, config.tensor]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1, got data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}.")
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ValueError(
+                f"the fixed mesh axes multiply to {fixed}, which does not divide the {num_devices} "
+                "devices; change mesh.data/fsdp/tensor."
+            )
+        sizes[sizes.index(-1)] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh data*fsdp*tensor = {fixed} but there are {num_devices} devices; set one axis to -1 "
+            "or make the product match."
+        )
+    return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: all devices, every host)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(config, len(devices))
+    # Auto axes: shardings are set at jit boundaries, GSPMD propagates the rest.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _axis_size(mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(names, mesh=None, shape=None, rules=LOGICAL_RULES) -> PartitionSpec:
+    """PartitionSpec for an array whose axes have logical ``names`` (None entries replicate).
+
+    With ``mesh`` and ``shape`` given, a dimension whose size the mesh axes do not divide is
+    replicated instead, and mesh axes that are absent from ``mesh`` are dropped.
+    A mesh axis is used at most once per array (the first dimension asking for it wins).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape)
+        axes = tuple(a for a in axes if a not in used)
+        if axes and mesh is not None and shape is not None and shape[i] % _axis_size(mesh, axes):
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(names, mesh: Mesh, shape=None, rules=LOGICAL_RULES) -> NamedSharding:
+    """NamedSharding on ``mesh`` for logical axis ``names`` (see :func:`logical_to_spec`)."""
+    return NamedSharding(mesh, logical_to_spec(names, mesh, shape, rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over ``data`` x ``fsdp``; all other dimensions replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def model_shardings(tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """The NamedSharding of every leaf of a model / ``nnx.State`` / abstract state.
+
+    Works on the output of ``nnx.eval_shape`` (nothing is materialised), so the result can be the
+    ``out_shardings`` of a jitted initialiser. Variables read their logical names from their
+    ``out_sharding`` metadata (set by ``nnx.with_partitioning``); anything without names (e.g. an
+    optimizer step counter) is replicated. The result has the structure of ``nnx.state(tree)``
+    (or of ``tree`` itself if it is not a module).
+    """
+    from flax import nnx  # only here: importing this module must not need flax
+
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+
+    def leaf_sharding(x):
+        if isinstance(x, nnx.Variable):
+            names = x.get_metadata().get("out_sharding")
+            value = x.get_value()
+            shape = getattr(value, "shape", None)
+            if names and shape is not None:
+                return x.replace(logical_to_sharding(names, mesh, shape, rules))
+            return x.replace(replicated(mesh))
+        return replicated(mesh)
+
+    return jax.tree.map(leaf_sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x, names, rules=LOGICAL_RULES):
+    """``with_sharding_constraint`` by logical names when a mesh is set (``jax.set_mesh``), else ``x``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not set(MESH_AXES) & set(mesh.axis_names):
+        return x
+    if any(t != AxisType.Auto for t in mesh.axis_types):
+        return x  # explicit-sharding meshes carry shardings in types; no hints needed
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape, rules))
