@@ -1,0 +1,357 @@
+"""The run configuration: typed dataclasses, loaded from YAML with dotted command-line overrides.
+
+    config = load_config("configs/tiny.yaml", ["train.steps=50", "goldfish.k=3"])
+
+Every key is checked against the dataclass fields at start-up: an unknown key fails with the list
+of valid keys (and the closest match), a value of the wrong type fails with the type expected.
+``save_config`` writes the resolved config as YAML so a run can be reproduced from its directory.
+
+The sections are owned by the modules that use them: ``model`` (gf_jax.model.ModelConfig),
+``mesh`` (gf_jax.sharding.MeshConfig), ``data`` (gf_jax.data.DataConfig), ``goldfish``
+(gf_jax.goldfish.GoldfishConfig); ``train`` (TrainConfig) is defined here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Sequence
+
+from gf_jax.data import DataConfig
+from gf_jax.goldfish import GoldfishConfig
+from gf_jax.model import ModelConfig
+from gf_jax.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+      steps: optimizer steps of the whole run (the lr schedule spans them).
+      stop_at: stop (with a checkpoint) after this step without changing the schedule; 0 = run
+        to ``steps``. Resuming the run directory continues to ``steps``.
+      global_batch: sequences per optimizer step, over all devices and micro-batches.
+      seq_len: tokens per sequence (<= model.max_seq_len).
+      grad_accum: micro-batches per step; global_batch must be a multiple of it.
+      lr, warmup, min_lr_ratio: peak learning rate, linear warm-up steps, then cosine decay to
+        lr * min_lr_ratio at ``steps``.
+      weight_decay, b1, b2, eps: AdamW (decay is applied to matrices only, not norms).
+      clip: global gradient-norm clipping threshold; 0 disables clipping.
+      z_loss: coefficient of the log-partition penalty over kept targets.
+      loss_chunk_size: > 0 computes the loss in chunks of this many targets without holding
+        the B x T x V logits (gf_jax.goldfish.chunked_loss_fn); 0 = plain loss.
+      log_every: steps between console / metrics.jsonl records.
+      eval_every, eval_batches: held-out loss every N steps (0 = never) over the validation split
+        (needs data.validation_fraction > 0), at most this many batches of it (0 = all).
+      ckpt_every, keep_ckpts: checkpoint every N steps (0 = only at the end), keep the last K.
+      async_checkpoint: write checkpoints in the background while training continues.
+      run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/); an existing one with
+        checkpoints is resumed from its latest step.
+      seed: parameter initialisation (and ``random`` goldfish strategy) seed.
+      progress: show a progress bar on the console.
+      tensorboard: also write TensorBoard events when a writer (tensorboardX) is installed.
+    """
+
+    steps: int = 200
+    stop_at: int = 0
+    global_batch: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+    z_loss: float = 0.0
+    loss_chunk_size: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 0
+    ckpt_every: int = 100
+    keep_ckpts: int = 3
+    async_checkpoint: bool = True
+    run_dir: str = "runs/default"
+    seed: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run did: model, mesh, data, goldfish and train sections."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    goldfish: GoldfishConfig = dataclasses.field(default_factory=GoldfishConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed conversion of plain (YAML) values into dataclasses.
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value, tp, key: str):
+    """``value`` as type ``tp``, or a ValueError naming ``key`` and the type expected."""
+
+    def fail():
+        raise ValueError(
+            f"config key {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})."
+        )
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            fail()
+        return from_dict(tp, value, prefix=key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ValueError:
+                pass
+        fail()
+    if origin in (tuple, list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"config key {key} must be one of {list(typing.get_args(tp))}, got {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is float:
+        # PyYAML reads "3e-4" (no dot) as a string: accept any string float() accepts.
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        fail()
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    return value
+
+
+def _unknown_key(cls, key: str, prefix: str):
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    where = f"under {prefix[:-1]}" if prefix else "at the top level"
+    raise ValueError(
+        f"unknown config key {prefix}{key}{hint}; valid keys {where} are: {', '.join(names)}."
+    )
+
+
+def from_dict(cls, values: dict, *, prefix: str = ""):
+    """An instance of dataclass ``cls`` from a nested dict, every key and type checked."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {prefix[:-1] or '(top)'} must be a mapping, got {values!r}.")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            _unknown_key(cls, str(key), prefix)
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"config section {prefix[:-1] or '(top)'}: {e}.") from None
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict (tuples as lists) of a dataclass, suitable for YAML or JSON."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dotted overrides.
+
+
+def _field_type(cls, path: list[str]):
+    """Type of the field at ``path`` below dataclass ``cls``; unknown keys fail with the choices."""
+    tp = cls
+    for i, name in enumerate(path):
+        prefix = "".join(p + "." for p in path[:i])
+        if not dataclasses.is_dataclass(tp):
+            raise ValueError(f"config key {prefix[:-1]} is not a section; it has no key {name}.")
+        hints = _hints(tp)
+        if name not in hints or name not in {f.name for f in dataclasses.fields(tp)}:
+            _unknown_key(tp, name, prefix)
+        tp = hints[name]
+    return tp
+
+
+def _is_str_type(tp) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return str in typing.get_args(tp)
+    return False
+
+
+def apply_overrides(cls, values: dict, overrides: Sequence[str]) -> dict:
+    """``values`` (a nested dict for dataclass ``cls``) with ``key.sub=value`` overrides applied.
+
+    Values are read as YAML (``true``, ``null``, ``[1, 2]``, numbers); a value for a string field
+    stays the literal text (so ``train.run_dir=2024`` is the string "2024").
+    """
+    import yaml
+
+    values = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.steps=100).")
+        dotted, raw = item.split("=", 1)
+        path = dotted.strip().split(".")
+        tp = _field_type(cls, path)
+        if _is_str_type(tp) and raw.strip() not in ("null", "~", "None"):
+            value = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+        node = values
+        for name in path[:-1]:
+            child = node.get(name)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[name] = child
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, validation, saving.
+
+
+def validate(config) -> None:
+    """Cross-field checks that a single dataclass cannot make; raises a one-sentence ValueError."""
+    t = config.train
+    positive = ("steps", "global_batch", "seq_len", "grad_accum", "log_every", "keep_ckpts")
+    for name in positive:
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}.")
+    for name in ("stop_at", "warmup", "eval_every", "eval_batches", "ckpt_every", "loss_chunk_size"):
+        if getattr(t, name) < 0:
+            raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}.")
+    if t.global_batch % t.grad_accum:
+        raise ValueError(
+            f"train.global_batch ({t.global_batch}) must be a multiple of train.grad_accum ({t.grad_accum})."
+        )
+    if not t.lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {t.lr}.")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}.")
+    if t.clip < 0 or t.weight_decay < 0 or t.z_loss < 0:
+        raise ValueError("train.clip, train.weight_decay and train.z_loss must be >= 0.")
+    if not (0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0):
+        raise ValueError(f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}.")
+    if t.seq_len > config.model.max_seq_len:
+        raise ValueError(
+            f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({config.model.max_seq_len}); "
+            "lower train.seq_len or raise model.max_seq_len."
+        )
+    if not t.run_dir:
+        raise ValueError("train.run_dir must name an output directory.")
+
+
+def config_from_dict(values: dict, overrides: Sequence[str] = ()):
+    """A validated RunConfig from a nested dict and dotted overrides."""
+    config = from_dict(RunConfig, apply_overrides(RunConfig, values or {}, overrides))
+    validate(config)
+    return config
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()):
+    """A validated RunConfig from a YAML file (None: all defaults) and dotted overrides."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist; pass e.g. --config configs/tiny.yaml.")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections (model, data, train, ...).")
+    return config_from_dict(values, overrides)
+
+
+def dump_config(config) -> str:
+    """The config as YAML text (sections in declaration order)."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def save_config(config, path: str) -> None:
+    """Writes the resolved config as YAML (atomically: a crash never leaves half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(dump_config(config))
+    os.replace(tmp, path)

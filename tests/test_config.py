@@ -1,0 +1,127 @@
+"""Run config: YAML + dotted overrides into typed dataclasses; bad keys and types fail early."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from gf_jax.config import (
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    save_config,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_yaml_and_overrides_give_typed_values(tmp_path):
+    path = write(
+        tmp_path / "c.yaml",
+        "model: {d_model: 64, n_heads: 4}\ntrain:\n  lr: 3e-4\n  steps: 7\ngoldfish: {k: 3}\n",
+    )
+    config = load_config(
+        path,
+        ["train.steps=11", "train.run_dir=2024", "data.tokenizer=null", "goldfish.never_drop_ids=[2, 1]",
+         "train.clip=0", "train.async_checkpoint=false"],
+    )
+    assert isinstance(config, RunConfig)
+    assert config.model.d_model == 64 and config.model.n_heads == 4
+    # PyYAML reads "3e-4" as a string; a float field accepts it.
+    assert config.train.lr == pytest.approx(3e-4) and isinstance(config.train.lr, float)
+    assert config.train.steps == 11  # the override wins over the file
+    assert config.train.run_dir == "2024"  # a string field keeps the literal text
+    assert config.train.clip == 0.0 and isinstance(config.train.clip, float)
+    assert config.train.async_checkpoint is False
+    assert config.data.tokenizer is None
+    assert config.goldfish.k == 3 and config.goldfish.never_drop_ids == (1, 2)
+    # Unset keys keep their defaults.
+    assert config.train.warmup == TrainConfig().warmup
+
+
+def test_unknown_keys_fail_with_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key train\.lrr \(did you mean train\.lr\?\).*valid keys under train are: steps, .*lr"):
+        config_from_dict({}, ["train.lrr=1e-3"])
+    path = write(tmp_path / "c.yaml", "model:\n  dmodel: 64\n")
+    with pytest.raises(ValueError, match=r"model\.dmodel.*valid keys under model are: .*d_model"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"unknown config key trainer.*valid keys at the top level are: model, mesh, data, goldfish, train"):
+        config_from_dict({"trainer": {"steps": 1}})
+    with pytest.raises(ValueError, match=r"train\.steps is not a section"):
+        config_from_dict({}, ["train.steps.x=1"])
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        config_from_dict({}, ["train.steps"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=1.5", r"train\.steps must be an integer, got 1\.5"),
+        ("train.steps=true", r"train\.steps must be an integer"),
+        ("train.lr=fast", r"train\.lr must be a number, got 'fast'"),
+        ("train.async_checkpoint=3", r"train\.async_checkpoint must be true or false"),
+        ("model.d_model=[1]", r"model\.d_model must be an integer"),
+        ("goldfish.never_drop_ids=[a]", r"goldfish\.never_drop_ids\[0\] must be an integer"),
+        ("train={}", None),  # a section replaced by an empty mapping keeps its defaults
+    ],
+)
+def test_wrong_types_fail(override, message):
+    if message is None:
+        assert config_from_dict({}, [override]).train == TrainConfig()
+        return
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({}, [override])
+
+
+def test_wrong_types_in_yaml_fail():
+    with pytest.raises(ValueError, match=r"data\.tokenizer must be a string or null, got \['x'\]"):
+        config_from_dict({"data": {"tokenizer": ["x"]}})
+    with pytest.raises(ValueError, match=r"config key model must be a mapping"):
+        config_from_dict({"model": 3})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.global_batch=10", "train.grad_accum=3"], r"multiple of train\.grad_accum"),
+        (["train.seq_len=512", "model.max_seq_len=256"], r"train\.seq_len \(512\) exceeds model\.max_seq_len"),
+        (["train.steps=0"], r"train\.steps must be >= 1"),
+        (["train.lr=0"], r"train\.lr must be > 0"),
+        (["train.min_lr_ratio=2"], r"min_lr_ratio must be in \[0, 1\]"),
+        (["goldfish.k=1"], r"goldfish k must be >= 2"),  # checked by the section's own dataclass
+        (["goldfish.strategy=nope"], r"use one of none, static, hash"),
+        (["model.n_heads=3"], r"n_heads"),
+        (["data.mode=rows"], r"data\.mode"),
+    ],
+)
+def test_invalid_values_fail(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({}, overrides)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    config = config_from_dict({}, ["goldfish.never_drop_ids=[1,2]", "train.lr=1e-3", "data.max_documents=5"])
+    save_config(config, str(tmp_path / "config.yaml"))
+    assert load_config(str(tmp_path / "config.yaml")) == config
+    assert "never_drop_ids" in dump_config(config)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.train.seq_len <= config.model.max_seq_len
+    assert dataclasses.is_dataclass(config.model)
