@@ -106,7 +106,8 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
     cache = constrain(jax.tree.map(lambda c: jnp.repeat(c, width, axis=0), cache))
     lengths_R = jnp.repeat(lengths_B, width)
     starts_R = jnp.repeat(starts_B, width)
-    # Only beam 0 is live at the start, so the first step picks W distinct tokens.
+    # Only beam 0 is live at the start, so the first step picks W distinct tokens. (If W exceeds
+    # the number of distinct continuations so far, the surplus beams keep score -inf and lose.)
     scores_BxW = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)[None].repeat(b, axis=0)
     row_base_Bx1 = (jnp.arange(b, dtype=jnp.int32) * width)[:, None]
 
@@ -214,8 +215,8 @@ def decode_batch(
       log-probabilities (the best beam's score for beam search).
     """
     tokens_BxP, lengths_B, starts_B = _check_batch(model, tokens_BxP, lengths_B, starts_B, max_new_tokens)
-    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= model.config.vocab_size:
-        raise ValueError(f"beam_width must be an integer in [1, vocab_size], got {beam_width!r}.")
+    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
+        raise ValueError(f"beam_width must be a positive integer (1 = greedy), got {beam_width!r}.")
     graphdef, state = nnx.split(model)
     return _decode_jit(
         graphdef, state, tokens_BxP, lengths_B, starts_B,
