@@ -404,7 +404,7 @@ def chunked_loss_fn(
     z_loss: float = 0.0,
     rng=None,
     table=None,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ):
     """``loss_fn(h_BxTxD @ w_DxV, ...)`` without ever holding the B x T x V logits.
 
