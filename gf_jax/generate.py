@@ -21,6 +21,7 @@ Entry points:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -289,10 +290,14 @@ def generate(
         # Every data-parallel shard gets whole rows.
         data_parallel = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp")]))
         batch_size = _round_up(batch_size, data_parallel)
-        from gf_jax.sharding import batch_sharding
+        from gf_jax.sharding import batch_sharding, model_shardings
 
         sharding = batch_sharding(mesh)
-    batch_size = min(batch_size, n) if mesh is None else batch_size
+        # Parameters go where training keeps them (a no-op for a model restored onto this mesh).
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(state, model_shardings(state, mesh)))
+    else:
+        batch_size = min(batch_size, n)
 
     order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
     tokens_out = np.zeros((n, max_new_tokens), np.int32)
@@ -311,10 +316,12 @@ def generate(
         starts_B = starts[rows]
         if mesh is not None:
             tokens_BxP, lengths_B, starts_B = jax.device_put((tokens_BxP, lengths_B, starts_B), sharding)
-        out_BxN, logprob_B = decode_batch(
-            model, tokens_BxP, lengths_B, max_new_tokens=max_new_tokens, starts_B=starts_B,
-            beam_width=beam_width, mesh=mesh,
-        )
+        # With a mesh set, the model's activation sharding hints are on (as in training).
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            out_BxN, logprob_B = decode_batch(
+                model, tokens_BxP, lengths_B, max_new_tokens=max_new_tokens, starts_B=starts_B,
+                beam_width=beam_width, mesh=mesh,
+            )
         tokens_out[idx] = np.asarray(out_BxN)[: idx.size]
         logprob_out[idx] = np.asarray(logprob_B)[: idx.size]
         if bar is not None:

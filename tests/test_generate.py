@@ -117,3 +117,18 @@ def test_bad_arguments_are_explained(model):
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(model, [[1, 2]], 0)
     assert gen.generate(model, [], 4).tokens.shape == (0, 4)
+
+
+def test_sharded_decoding_equals_single_device(model):
+    from gf_jax.sharding import MeshConfig, make_mesh
+
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (4, 19, 1, 8, 27, 13)]
+    single = gen.generate(model, prompts, 10, batch_size=4, length_bucket=32)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))  # 8 simulated CPU devices
+    sharded = gen.generate(model, prompts, 10, batch_size=3, length_bucket=32, mesh=mesh)  # -> 4 rows
+    np.testing.assert_array_equal(sharded.tokens, single.tokens)
+    np.testing.assert_allclose(sharded.logprob, single.logprob, atol=1e-4)
+    beam_single = gen.generate(model, prompts[:2], 6, beam_width=3, length_bucket=32)
+    beam_sharded = gen.generate(model, prompts[:2], 6, beam_width=3, length_bucket=32, mesh=mesh)
+    np.testing.assert_array_equal(beam_sharded.tokens, beam_single.tokens)
