@@ -166,11 +166,16 @@ def attention_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
     return out.reshape(b, t, n, h)
 
 
-def attention_cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
-    """cuDNN flash attention, causal; packed segments enter as a boolean B x 1 x T x T mask."""
+def attention_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, implementation="cudnn"):
+    """Causal ``jax.nn.dot_product_attention``; packed segments enter as a boolean B x 1 x T x T mask.
+
+    The public API takes no segment ids (cuDNN's packed-sequence offsets are not exposed), so the
+    segment mask is passed densely; cuDNN turns it into an additive bias. The test suite checks
+    this call with ``implementation="xla"`` against :func:`attention_xla`.
+    """
     mask = None if segment_ids_BxT is None else causal_segment_mask(segment_ids_BxT)[:, None]
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation="cudnn"
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation=implementation
     )
 
 
@@ -236,7 +241,7 @@ class Attention(nnx.Module):
         q, k, v = self._qkv(x_BxTxD, positions_BxT, dtype)
         t = x_BxTxD.shape[1]
         if _use_cudnn(self.config, dtype, t, segment_ids_BxT is not None):
-            o = attention_cudnn(q, k, v, segment_ids_BxT)
+            o = attention_fused(q, k, v, segment_ids_BxT)
         else:
             seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros(x_BxTxD.shape[:2], jnp.int32)
             o = attention_xla(q, k, v, causal_segment_mask(seg))

@@ -6,9 +6,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax.model import ModelConfig, Transformer, flops_per_token, param_count
+from gf_jax.model import (
+    ModelConfig,
+    Transformer,
+    attention_fused,
+    attention_xla,
+    causal_segment_mask,
+    flops_per_token,
+    param_count,
+)
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
+
+
+@nnx.jit
+def forward(model, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    # One compiled program per config is much cheaper on CPU than op-by-op eager dispatch.
+    return model(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
 
 
 # ---- independent numpy reference (HF LLaMA formulation: rotate_half, repeat_kv) --------------
@@ -88,13 +102,15 @@ def test_forward_matches_numpy_reference(tie):
     cfg = ModelConfig(**TINY, tie_embeddings=tie, init_std=0.2, rope_theta=500.0)
     model = Transformer(cfg, rngs=nnx.Rngs(1))
     tokens, positions, segments = _packed_batch(np.random.default_rng(0), cfg.vocab_size)
-    got = model(jnp.asarray(tokens), positions_BxT=jnp.asarray(positions), segment_ids_BxT=jnp.asarray(segments))
+    got = forward(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
     want = reference_logits(model, cfg, tokens, positions, segments)
     assert got.shape == (2, 12, cfg.vocab_size) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
     # hidden() @ output_weights() is what the chunked loss uses: it must be the same logits.
-    h = model.hidden(jnp.asarray(tokens), positions_BxT=jnp.asarray(positions), segment_ids_BxT=jnp.asarray(segments))
-    np.testing.assert_allclose(np.asarray(h @ model.output_weights()), want, atol=1e-4, rtol=1e-4)
+    h_logits = nnx.jit(lambda m, t, p, s: m.hidden(t, positions_BxT=p, segment_ids_BxT=s) @ m.output_weights())(
+        model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
+    )
+    np.testing.assert_allclose(np.asarray(h_logits), want, atol=1e-4, rtol=1e-4)
 
 
 def test_default_positions_and_segments_are_plain_causal():
@@ -103,7 +119,7 @@ def test_default_positions_and_segments_are_plain_causal():
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 10)).astype(np.int32)
     ones = np.ones_like(tokens)
     want = reference_logits(model, cfg, tokens, np.tile(np.arange(10), (2, 1)), ones)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens))), want, atol=1e-4, rtol=1e-4)
 
 
 def test_segments_are_isolated():
@@ -112,14 +128,14 @@ def test_segments_are_isolated():
     tokens, positions, segments = _packed_batch(np.random.default_rng(2), cfg.vocab_size, b=1)
     changed = tokens.copy()
     changed[0, :5] = (changed[0, :5] + 7) % cfg.vocab_size  # rewrite document 1 only
-    kw = dict(positions_BxT=jnp.asarray(positions), segment_ids_BxT=jnp.asarray(segments))
-    a = np.asarray(model(jnp.asarray(tokens), **kw))
-    b = np.asarray(model(jnp.asarray(changed), **kw))
+    pos, seg = jnp.asarray(positions), jnp.asarray(segments)
+    a = np.asarray(forward(model, jnp.asarray(tokens), pos, seg))
+    b = np.asarray(forward(model, jnp.asarray(changed), pos, seg))
     np.testing.assert_array_equal(a[0, 5:], b[0, 5:])  # document 2 cannot see document 1
     assert np.abs(a[0, :5] - b[0, :5]).max() > 1e-3  # ...while document 1 did change
     # Without segment ids the same change leaks into the second half.
-    a_all = np.asarray(model(jnp.asarray(tokens), positions_BxT=kw["positions_BxT"]))
-    b_all = np.asarray(model(jnp.asarray(changed), positions_BxT=kw["positions_BxT"]))
+    a_all = np.asarray(forward(model, jnp.asarray(tokens), pos))
+    b_all = np.asarray(forward(model, jnp.asarray(changed), pos))
     assert np.abs(a_all[0, 5:] - b_all[0, 5:]).max() > 1e-3
 
 
@@ -147,20 +163,20 @@ def test_flops_per_token_formula():
     assert flops_per_token(cfg, 16) == 6 * matmul_params + 12 * l * cfg.n_heads * cfg.resolved_head_dim * 16
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_keeps_loss_and_grads(remat):
+def test_remat_keeps_loss_and_grads():
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, size=(2, 8)), jnp.int32)
 
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
 
     base = Transformer(ModelConfig(**TINY), rngs=nnx.Rngs(4))
-    other = Transformer(ModelConfig(**TINY, remat=remat), rngs=nnx.Rngs(4))
-    l0, g0 = nnx.value_and_grad(loss)(base)
-    l1, g1 = nnx.value_and_grad(loss)(other)
-    np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    l0, g0 = nnx.jit(nnx.value_and_grad(loss))(base)
+    for remat in ("full", "save_dots"):
+        other = Transformer(ModelConfig(**TINY, remat=remat), rngs=nnx.Rngs(4))
+        l1, g1 = nnx.jit(nnx.value_and_grad(loss))(other)
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -168,9 +184,9 @@ def test_bfloat16_compute_keeps_float32_params():
     f32 = Transformer(ModelConfig(**TINY), rngs=nnx.Rngs(5))
     bf16 = Transformer(ModelConfig(**TINY, dtype="bfloat16"), rngs=nnx.Rngs(5))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
-    out = bf16(tokens)
+    out = forward(bf16, tokens)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(f32(tokens)), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(forward(f32, tokens)), atol=3e-2)
 
 
 def test_decode_with_cache_matches_full_forward():
@@ -183,7 +199,7 @@ def test_decode_with_cache_matches_full_forward():
     full = np.zeros((2, 12), np.int32)
     for b, s in enumerate(seqs):
         full[b, : len(s)] = s
-    want = np.asarray(model(jnp.asarray(full)))  # causal: the zero padding after a row is invisible
+    want = np.asarray(forward(model, jnp.asarray(full)))  # causal: the zero padding after a row is invisible
 
     decode = nnx.jit(lambda m, t, p, c, i: m.decode(t, p, c, cache_index=i))
     prompt = np.where(np.arange(8)[None] < lengths[:, None], full[:, :8], 0)
@@ -212,3 +228,20 @@ def test_config_errors_say_what_to_change():
     model = Transformer(ModelConfig(**TINY), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(jnp.zeros((1, 33), jnp.int32))
+
+
+def test_fused_attention_call_matches_xla_path():
+    """The exact call the cuDNN path makes (mask layout, GQA head mapping, causal flag), run with
+    jax's XLA implementation, equals our einsum path; on CPU "auto" picks the einsum path."""
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.float32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]], jnp.int32)
+    want = attention_xla(q, k, v, causal_segment_mask(seg))
+    np.testing.assert_allclose(attention_fused(q, k, v, seg, implementation="xla"), want, atol=1e-5)
+    causal = attention_xla(q, k, v, causal_segment_mask(jnp.ones((2, 8), jnp.int32)))
+    np.testing.assert_allclose(attention_fused(q, k, v, None, implementation="xla"), causal, atol=1e-5)
+    from gf_jax.model import _use_cudnn
+
+    assert not _use_cudnn(ModelConfig(dtype="bfloat16"), jnp.bfloat16, 8, True)  # CPU backend
