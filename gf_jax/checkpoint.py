@@ -1,0 +1,188 @@
+"""Checkpoints of a run: model, optimizer, data-iterator state and config, saved together.
+
+Layout: ``RUN_DIR/checkpoints/<step>/{model,optimizer,loop,config}`` written by an Orbax
+``CheckpointManager`` (asynchronously: the arrays are copied off the devices before ``save``
+returns, the files are written in the background), keeping the last ``keep`` steps.
+
+``load_model(run_dir)`` restores a trained model (parameters only) with its run config and
+tokenizer, for evaluation:
+
+    model, config, tokenizer = load_model("runs/tiny")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Fields that fix the parameters' shapes or meaning: a checkpoint cannot be resumed under others.
+# dtype, remat, attention kernel and max_seq_len may change between runs.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_ff",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(os.path.abspath(run_dir), CHECKPOINT_SUBDIR)
+
+
+def abstract_with_shardings(state, shardings):
+    """``jax.ShapeDtypeStruct`` leaves carrying the target shardings (what Orbax restores into)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+
+
+class Checkpointer:
+    """An Orbax CheckpointManager for one run directory.
+
+    Every process of a multi-host run must create it and call ``save`` (Orbax writes each
+    process's shards); only the main process writes the JSON items.
+    """
+
+    def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = checkpoint_dir(run_dir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("model", "optimizer", "loop", "config")
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, *, model_state, opt_state, loop_state: dict, config_dict: dict) -> None:
+        """Saves (asynchronously unless disabled) and returns once the arrays are off the devices.
+
+        ``loop_state`` is JSON: the data iterator's state and the training counters;
+        ``opt_state`` may be None to save parameters only.
+        """
+        items = dict(
+            model=ocp.args.StandardSave(model_state),
+            loop=ocp.args.JsonSave(loop_state),
+            config=ocp.args.JsonSave(config_dict),
+        )
+        if opt_state is not None:  # None: parameters only (e.g. an exported model)
+            items["optimizer"] = ocp.args.StandardSave(opt_state)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, *, abstract_model, abstract_opt=None) -> dict[str, Any]:
+        """Restores ``step``: model (and optimizer, when its abstract state is given), loop and
+        config, each array placed by the sharding of its abstract leaf."""
+        items = dict(
+            model=ocp.args.StandardRestore(abstract_model),
+            loop=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
+        if abstract_opt is not None:
+            items["optimizer"] = ocp.args.StandardRestore(abstract_opt)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return {name: restored[name] for name in items}
+
+    def saved_config(self, step: int) -> dict:
+        """The run config (a plain dict) saved with ``step``."""
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        """Blocks until every pending background save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def check_compatible(saved_model: dict, model_config, run_dir: str) -> None:
+    """Raises a one-sentence ValueError when ``model_config`` cannot resume ``saved_model``."""
+    for name in ARCHITECTURE_FIELDS:
+        saved, now = saved_model.get(name), getattr(model_config, name)
+        if saved != now:
+            raise ValueError(
+                f"{run_dir} holds checkpoints of a different model (model.{name} is {saved!r} there, "
+                f"{now!r} now); resume with the same model settings or choose a new train.run_dir."
+            )
+
+
+def find_tokenizer(run_dir: str, config) -> str:
+    """The tokenizer of a run: its copy in the run directory, else the path its config records."""
+    local = os.path.join(run_dir, TOKENIZER_FILE)
+    if os.path.isfile(local):
+        return local
+    if config.data.tokenizer and os.path.isfile(config.data.tokenizer):
+        return config.data.tokenizer
+    raise FileNotFoundError(
+        f"no tokenizer found for run {run_dir} (neither {local} nor data.tokenizer="
+        f"{config.data.tokenizer!r} exists); copy the run's tokenizer.model into the run directory."
+    )
+
+
+def load_model(run_dir: str, step: int | None = None, *, mesh=None):
+    """Restores a trained model from a run directory, for evaluation.
+
+    Args:
+      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``).
+      step: which checkpoint (default: the latest).
+      mesh: where to place the parameters (default: replicated on the first local device).
+
+    Returns:
+      (model: gf_jax.model.Transformer, run_config: gf_jax.config.RunConfig, tokenizer).
+      Only the parameters are read; the optimizer state stays on disk.
+    """
+    from flax import nnx
+
+    from gf_jax.config import config_from_dict
+    from gf_jax.model import Transformer
+    from gf_jax.tokenizer import Tokenizer
+
+    ckpt = Checkpointer(run_dir, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"{run_dir} has no checkpoints (looked in {ckpt.directory}); train first with "
+                f"python -m gf_jax.train --config configs/tiny.yaml train.run_dir={run_dir}."
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step}; it has steps {steps}.")
+        config = config_from_dict(ckpt.saved_config(step))
+        abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        if mesh is None:
+            shardings = jax.tree.map(
+                lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract_state
+            )
+        else:
+            from gf_jax.sharding import model_shardings
+
+            shardings = model_shardings(abstract_state, mesh)
+        restored = ckpt.restore(step, abstract_model=abstract_with_shardings(abstract_state, shardings))
+    finally:
+        ckpt.close()
+    model = nnx.merge(graphdef, restored["model"])
+    tokenizer = Tokenizer.load(find_tokenizer(run_dir, config))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
+    return model, config, tokenizer
