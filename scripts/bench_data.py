@@ -8,8 +8,8 @@ Measured side by side in one run (same machine, same cores):
   2. batch assembly (``BatchIterator.batch``: packing, positions, segments, weights), tokens/s;
   3. a jitted training step of the tiny model (forward + backward + AdamW, goldfish loss), on
      a batch that is already in memory, tokens/s consumed;
-  4. the same training loop fed by the prefetching iterator: the slowdown against (3) is the
-     time the accelerator waits on the host.
+  4. the same training loop fed by the prefetching iterator, alternating with (3) over rounds;
+     and the time the loop spent waiting inside ``next()`` for a batch (0 when prefetch keeps up).
 """
 
 from __future__ import annotations
@@ -105,10 +105,21 @@ def main():
 
     # 3 and 4 alternate over rounds (median per variant), so load from other processes on the
     # machine hits both alike.
-    fixed_times, fed_times = [], []
+    unfetched = data.BatchIterator(tokens, global_batch=B, seq_len=T, seed=0, process_index=0, process_count=1,
+                                   pad_id=tokenizer.pad_id, prefetch=0)
+    waits = {fed: [], unfetched: []}
+
+    def from_pipeline(source):
+        t0 = time.perf_counter()
+        batch = next(source)  # with prefetch: returns at once when the thread kept up
+        waits[source].append(time.perf_counter() - t0)
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+
+    fixed_times, fed_times, sync_times = [], [], []
     for _ in range(args.rounds):
         fixed_times.append(timed(lambda: fixed))
-        fed_times.append(timed(lambda: {k: jnp.asarray(v) for k, v in next(fed).items()}))
+        fed_times.append(timed(lambda: from_pipeline(fed)))
+        sync_times.append(timed(lambda: from_pipeline(unfetched)))
     fed.close()
     t_step, t_fed = float(np.median(fixed_times)), float(np.median(fed_times))
     step_rate = tokens_per_step / t_step
@@ -120,6 +131,15 @@ def main():
     print(f"{'batch assembly (host, per batch)':44s} {batch_rate:12,.0f} {t_batch * 1e3:9.2f}")
     print(f"{f'training step, tiny model, batch {B}x{T}':44s} {step_rate:12,.0f} {t_step * 1e3:9.2f}")
     print(f"{'training step fed by the prefetching pipeline':44s} {tokens_per_step / t_fed:12,.0f} {t_fed * 1e3:9.2f}")
+    t_sync = float(np.median(sync_times))
+    print(f"{'training step fed without prefetch':44s} {tokens_per_step / t_sync:12,.0f} {t_sync * 1e3:9.2f}")
+    for name, source in (("prefetch=2", fed), ("prefetch=0", unfetched)):
+        w = waits[source]
+        print(f"time the loop waited inside next(), {name}: median {np.median(w) * 1e3:.2f} ms, "
+              f"max {max(w) * 1e3:.2f} ms ({len(w)} steps)")
+    spread = lambda ts: f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} ms"
+    print(f"per-round step times over {args.rounds} rounds: in memory {spread(fixed_times)}, "
+          f"prefetched {spread(fed_times)}, no prefetch {spread(sync_times)}")
     print(f"batch assembly is {batch_rate / step_rate:.0f}x faster than the step consumes; "
           f"feeding from the pipeline changes the step time by {100 * (t_fed / t_step - 1):+.1f}%")
     return 0
