@@ -422,3 +422,18 @@ def test_tfds_source_reads_arrayrecord_with_slicing_and_per_host_shares(tmp_path
         data.load_documents(data.DataConfig(source="tfds", tfds_name="no_such_dataset", tfds_data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="no feature 'body'"):
         data.load_documents(data.DataConfig(**{**config.__dict__, "tfds_text_feature": "body"}))
+
+
+def test_iterator_setting_errors(small_config, tok):
+    docs = random_docs(7)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        data.BatchIterator(docs, global_batch=4, seq_len=8, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="no document with at least 2 tokens"):
+        data.BatchIterator([np.array([5], np.int32)], global_batch=1, seq_len=8, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="needs data.canary_path"):
+        data.DataConfig(canary_repeats=3)
+    tiny = data.DataConfig(**{**small_config.__dict__, "max_documents": 2})
+    with pytest.raises(ValueError, match="process 0 of 4 got no train documents"):
+        data.make_train_iterator(tiny, tok, global_batch=4, seq_len=8, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="validation_fraction > 0"):
+        data.make_train_iterator(small_config, tok, global_batch=4, seq_len=8, split="validation")
