@@ -1,7 +1,7 @@
 """Data pipeline throughput next to what a training step of the tiny config consumes.
 
-    .venv/bin/python scripts/bench_data.py            # tiny config: batch 16 x 128, vocab 512
-    .venv/bin/python scripts/bench_data.py --cores 2 --steps 10 --rounds 5 --global-batch 16 --seq-len 128
+    .venv/bin/python scripts/bench_data.py            # configs/tiny.yaml: batch 16 x 128, vocab 1024
+    .venv/bin/python scripts/bench_data.py --cores 2 --steps 10 --rounds 5 --config configs/tiny.yaml
 
 Measured side by side in one run (same machine, same cores):
   1. tokenization of the whole corpus (one-off, before training), tokens/s;
@@ -25,10 +25,7 @@ import numpy as np
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cores", type=int, default=2, help="CPU cores to pin the process to")
-    parser.add_argument("--corpus", default="data/tinyshakespeare.txt")
-    parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--config", default="configs/tiny.yaml", help="run config (data, model, batch shape)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per round and variant")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -44,12 +41,14 @@ def main():
     from flax import nnx
 
     from gf_jax import data
-    from gf_jax.goldfish import GoldfishConfig, loss_fn
-    from gf_jax.model import ModelConfig, Transformer
+    from gf_jax.config import load_config
+    from gf_jax.goldfish import loss_fn
+    from gf_jax.model import Transformer
 
-    config = data.DataConfig(path=args.corpus, vocab_size=args.vocab_size)
+    run_config = load_config(args.config)
+    config, model_config = run_config.data, run_config.model
     tokenizer = data.load_tokenizer(config)  # cached after the first run
-    B, T = args.global_batch, args.seq_len
+    B, T = run_config.train.global_batch, run_config.train.seq_len
     tokens_per_step = B * T
 
     # 1. Tokenization (once per run).
@@ -72,11 +71,10 @@ def main():
     batch_rate = tokens_per_step / t_batch
 
     # 3. Tiny training step (jitted), fed one fixed batch.
-    model_config = ModelConfig(vocab_size=args.vocab_size, max_seq_len=max(256, T))
     data.check_vocab_fits(tokenizer, model_config.vocab_size)
     model = Transformer(model_config, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-    gl = GoldfishConfig(k=4, h=13)
+    gl = run_config.goldfish
 
     @nnx.jit
     def train_step(model, optimizer, batch):
@@ -124,12 +122,13 @@ def main():
     t_step, t_fed = float(np.median(fixed_times)), float(np.median(fed_times))
     step_rate = tokens_per_step / t_step
 
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, corpus {args.corpus}: "
-          f"{len(docs):,} documents, {n_tokens:,} tokens (vocab {tokenizer.vocab_size})")
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, config {args.config}, corpus "
+          f"{config.path}: {len(docs):,} training documents, {n_tokens:,} tokens (vocab {tokenizer.vocab_size}), "
+          f"model d={model_config.d_model} x {model_config.n_layers} layers, batch {B}x{T}")
     print(f"{'stage':44s} {'tokens/s':>12s} {'ms/batch':>9s}")
     print(f"{'tokenization (once, before training)':44s} {tok_rate:12,.0f} {'':>9s}")
     print(f"{'batch assembly (host, per batch)':44s} {batch_rate:12,.0f} {t_batch * 1e3:9.2f}")
-    print(f"{f'training step, tiny model, batch {B}x{T}':44s} {step_rate:12,.0f} {t_step * 1e3:9.2f}")
+    print(f"{'training step of the model, batch in memory':44s} {step_rate:12,.0f} {t_step * 1e3:9.2f}")
     print(f"{'training step fed by the prefetching pipeline':44s} {tokens_per_step / t_fed:12,.0f} {t_fed * 1e3:9.2f}")
     t_sync = float(np.median(sync_times))
     print(f"{'training step fed without prefetch':44s} {tokens_per_step / t_sync:12,.0f} {t_sync * 1e3:9.2f}")
