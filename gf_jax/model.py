@@ -15,14 +15,16 @@ Attention. Training attention is causal and restricted to equal segment ids (pac
 ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention, bf16/fp16 only); that public
 API has no segment-id argument, so packed segments are passed as a boolean ``B x 1 x T x T`` mask,
 which cuDNN applies as an additive bias (still flash attention: no ``T x T`` float32 scores per
-head are stored). ``"auto"`` picks cuDNN on GPU when dtype and head_dim allow it, the XLA path
-otherwise (CPU, TPU, float32). KV-cache decoding always uses the XLA path.
+head are stored). ``"auto"`` picks cuDNN on GPU when dtype, head_dim and the tensor axis allow it,
+and falls back to the XLA path (with one warning) if jax's trace-time checks reject the call; the
+XLA path otherwise (CPU, TPU, float32). KV-cache decoding always uses the XLA path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -39,6 +41,7 @@ _MASK_VALUE = -1e30
 # Logical axes of the residual stream: batch-sharded, replicated along length and d_model. Without
 # this hint, propagation may follow the fsdp-sharded weights and split activations along d_model.
 _RESIDUAL = ("batch", "length", "act_embed")
+_HEADS = ("batch", "length", "act_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +174,16 @@ def attention_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, implementa
 
     The public API takes no segment ids (cuDNN's packed-sequence offsets are not exposed), so the
     segment mask is passed densely; cuDNN turns it into an additive bias. The test suite checks
-    this call with ``implementation="xla"`` against :func:`attention_xla`.
+    this call with ``implementation="xla"`` against :func:`attention_xla`. cuDNN's SPMD rule wants
+    Q, K, V split the same way (batch and heads only) and the mask split like Q's batch: the
+    constraints below say so when a mesh is set.
     """
-    mask = None if segment_ids_BxT is None else causal_segment_mask(segment_ids_BxT)[:, None]
+    q_BxTxNxH = constrain(q_BxTxNxH, _HEADS)
+    k_BxTxKxH = constrain(k_BxTxKxH, _HEADS)
+    v_BxTxKxH = constrain(v_BxTxKxH, _HEADS)
+    mask = None
+    if segment_ids_BxT is not None:
+        mask = constrain(causal_segment_mask(segment_ids_BxT)[:, None], ("batch", None, None, None))
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation=implementation
     )
@@ -184,15 +194,40 @@ def _use_cudnn(config: ModelConfig, dtype, seq_len: int, has_segments: bool) -> 
         return False
     if config.attention == "cudnn":
         return True
-    # "auto": the shapes/dtypes cuDNN flash attention accepts on every supported GPU.
+    # "auto": the shapes/dtypes cuDNN flash attention accepts on every supported GPU, and a
+    # tensor axis that splits query and key/value heads alike (cuDNN's partitioning rule).
     h = config.resolved_head_dim
+    mesh = jax.sharding.get_abstract_mesh()
+    tensor = dict(mesh.shape).get("tensor", 1) if mesh is not None and not mesh.empty else 1
     return (
         jax.default_backend() == "gpu"
         and dtype in (jnp.bfloat16, jnp.float16)
         and h % 8 == 0
         and h <= 128
         and not (has_segments and seq_len % 2)  # bias + odd length is unsupported in training
+        and config.n_heads % tensor == 0
+        and config.n_kv_heads % tensor == 0
     )
+
+
+_warned_fallback = False
+
+
+def _attention(config: ModelConfig, q, k, v, segment_ids_BxT, dtype):
+    """Dispatch between cuDNN and the einsum path (see the module docstring)."""
+    global _warned_fallback
+    if _use_cudnn(config, dtype, q.shape[1], segment_ids_BxT is not None):
+        try:
+            return attention_fused(q, k, v, segment_ids_BxT)
+        except (ValueError, NotImplementedError) as e:  # shape/dtype/version checks at trace time
+            if config.attention == "cudnn":
+                raise
+            if not _warned_fallback:
+                warnings.warn(f"cuDNN attention unavailable ({e}); using the XLA attention path.")
+                _warned_fallback = True
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.zeros(q.shape[:2], jnp.int32)
+    return attention_xla(q, k, v, causal_segment_mask(segment_ids_BxT))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,13 +274,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, dtype):
         q, k, v = self._qkv(x_BxTxD, positions_BxT, dtype)
-        t = x_BxTxD.shape[1]
-        if _use_cudnn(self.config, dtype, t, segment_ids_BxT is not None):
-            o = attention_fused(q, k, v, segment_ids_BxT)
-        else:
-            seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros(x_BxTxD.shape[:2], jnp.int32)
-            o = attention_xla(q, k, v, causal_segment_mask(seg))
-        return self._out(o, dtype)
+        return self._out(_attention(self.config, q, k, v, segment_ids_BxT, dtype), dtype)
 
     def decode(self, x_BxTxD, positions_BxT, layer_cache, cache_index_B, dtype):
         """Write this call's K/V at slots [cache_index, cache_index + T) and attend to the cache."""
