@@ -89,13 +89,8 @@ def test_model_shardings_place_params_by_the_rules(fsdp4_tensor2):
     np.testing.assert_allclose(np.asarray(attn.wq[...]), np.asarray(plain.blocks[0].attn.wq[...]), atol=1e-7)
 
 
-@pytest.mark.parametrize("mesh_kind", ["fsdp4_tensor2", "data2_fsdp2_tensor2"])
-def test_sharded_forward_equals_unsharded(mesh_kind, fsdp4_tensor2):
-    if mesh_kind == "fsdp4_tensor2":
-        mesh, graphdef, state = fsdp4_tensor2
-    else:
-        mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-        graphdef, state = _init_sharded(CFG, mesh)
+def test_sharded_forward_equals_unsharded(fsdp4_tensor2):
+    mesh, graphdef, state = fsdp4_tensor2
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CFG.vocab_size, size=(8, 16)).astype(np.int32)
     segments = np.repeat(np.array([[1] * 10 + [2] * 6]), 8, axis=0).astype(np.int32)
