@@ -188,3 +188,73 @@ def test_user_errors_are_explained(setup):
         evaluate.evaluate_memorization(setup["untrained"], None, setup["members"], doc_ids=["a"], suffix_len=8)
     with pytest.raises(FileNotFoundError, match="--docs"):
         evaluate.resolve_documents("no/such/file.txt", data.DataConfig())
+
+
+def _write_jsonl(path, texts):
+    import json
+
+    with open(path, "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+
+
+def _save_run(run_dir, model, data_config, tokenizer_path):
+    """A run directory as gf_jax.train writes it: config.yaml, tokenizer.model, checkpoints/<step>/."""
+    import os
+    import shutil
+
+    from gf_jax.checkpoint import Checkpointer
+    from gf_jax.config import RunConfig, TrainConfig, save_config, to_dict
+
+    config = RunConfig(model=model.config, data=data_config, train=TrainConfig(seq_len=64, run_dir=run_dir))
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(config, os.path.join(run_dir, "config.yaml"))
+    shutil.copy(tokenizer_path, os.path.join(run_dir, "tokenizer.model"))
+    ckpt = Checkpointer(run_dir, async_save=False)
+    ckpt.save(7, model_state=nnx.split(model)[1], opt_state=None, loop_state={"step": 7},
+              config_dict=to_dict(config))
+    ckpt.close()
+
+
+def test_cli_compares_runs_on_the_documents_they_trained_on(setup, tmp_path, capsys):
+    import json
+    import os
+
+    docs = data.read_text_documents("data/tinyshakespeare.txt", "blank_line")
+    members, heldout = tmp_path / "members.jsonl", tmp_path / "heldout.jsonl"
+    _write_jsonl(members, [docs[i].text for i in MEMBERS])
+    _write_jsonl(heldout, [docs[i].text for i in NONMEMBERS])
+    data_config = data.DataConfig(source="jsonl", path=str(members), id_field="id",
+                                  tokenizer=setup["tokenizer"].path)
+    _save_run(str(tmp_path / "standard"), setup["trained"], data_config, setup["tokenizer"].path)
+    _save_run(str(tmp_path / "control"), setup["untrained"], data_config, setup["tokenizer"].path)
+    out = tmp_path / "report"
+    results = evaluate.main([
+        "--run", str(tmp_path / "standard"), "--run", str(tmp_path / "control"), "--docs", "train",
+        "--heldout", str(heldout), "--suffix-len", str(SUFFIX), "--batch-size", "4", "--out", str(out)])
+    standard, control = results["standard"], results["control"]
+    assert standard["memorization"]["aggregate"]["n_memorized"] == len(MEMBERS)
+    assert [d["id"] for d in standard["memorization"]["per_doc"]] == [f"doc{i}" for i in range(len(MEMBERS))]
+    assert control["memorization"]["aggregate"]["n_memorized"] == 0
+    assert standard["mia"]["loss"]["auc"] == 1.0
+    assert np.isfinite(standard["heldout"]["loss"]) and np.isfinite(control["heldout"]["loss"])
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"standard", "control"}
+    assert f"| standard | {len(MEMBERS)}/{len(MEMBERS)} |" in (out / "report.md").read_text()
+    assert (out / "rougeL_hist.png").exists() and (out / "exact_match_hist.png").exists()
+    assert "| control | 0/4 |" in capsys.readouterr().out
+
+    # A run directory without checkpoints gets a clear message.
+    empty = tmp_path / "empty"
+    os.makedirs(empty)
+    (empty / "config.yaml").write_text((tmp_path / "standard" / "config.yaml").read_text())
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        evaluate.main(["--run", str(empty), "--docs", "train", "--out", str(out)])
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        evaluate.main(["--run", str(tmp_path / "nowhere"), "--docs", "train"])
+    # A model whose vocabulary is smaller than its tokenizer's is refused before anything runs.
+    small = Transformer(ModelConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                                    max_seq_len=96), rngs=nnx.Rngs(0))
+    _save_run(str(tmp_path / "small"), small, data_config, setup["tokenizer"].path)
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        evaluate.main(["--run", str(tmp_path / "small"), "--docs", "train", "--out", str(out)])
