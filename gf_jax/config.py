@@ -8,7 +8,8 @@ of valid keys (and the closest match), a value of the wrong type fails with the 
 
 The sections are owned by the modules that use them: ``model`` (gf_jax.model.ModelConfig),
 ``mesh`` (gf_jax.sharding.MeshConfig), ``data`` (gf_jax.data.DataConfig), ``goldfish``
-(gf_jax.goldfish.GoldfishConfig); ``train`` (TrainConfig) is defined here.
+(gf_jax.goldfish.GoldfishConfig), ``distributed`` (gf_jax.distributed.DistributedConfig);
+``train`` (TrainConfig) is defined here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import typing
 from typing import Any, Sequence
 
 from gf_jax.data import DataConfig
+from gf_jax.distributed import DistributedConfig
 from gf_jax.goldfish import GoldfishConfig
 from gf_jax.model import ModelConfig
 from gf_jax.sharding import MeshConfig
@@ -85,13 +87,15 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a run did: model, mesh, data, goldfish and train sections."""
+    """Everything a run did: model, mesh, data, goldfish and train sections (+ how the processes
+    of a multi-host run connect: ``distributed``, gf_jax.distributed.DistributedConfig)."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     goldfish: GoldfishConfig = dataclasses.field(default_factory=GoldfishConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------------------

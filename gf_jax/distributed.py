@@ -268,3 +268,29 @@ def exit_on_error(fn: Callable[[], T], *, exit_codes: dict[type, int] | None = N
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def allgather_str(value: str) -> list[str]:
+    """Every process's ``value``, in process order (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(value.encode("utf-8"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def check_same_on_all_processes(value: str, what: str) -> None:
+    """Raises a ValueError on every process when ``value`` (e.g. a file digest) differs between
+    processes; ``what`` names it and what to change, e.g. "the tokenizer (set data.tokenizer ...)"."""
+    values = allgather_str(value)
+    differing = [i for i, v in enumerate(values) if v != values[0]]
+    if differing:
+        raise ValueError(
+            f"processes {differing} see a different {what} than process 0; give every process the same one."
+        )
