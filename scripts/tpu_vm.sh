@@ -5,7 +5,8 @@
 #   export TPU_NAME=gf-v4-32 ZONE=us-central2-b ACCELERATOR_TYPE=v4-32   # PROJECT=... optional
 #   scripts/tpu_vm.sh create                 # create the TPU VM (reused if it exists)
 #   scripts/tpu_vm.sh setup                  # copy this checkout to all workers, install requirements + jax[tpu]
-#   scripts/tpu_vm.sh train --config configs/tinyllama-1b.yaml train.run_dir=gs://BUCKET/runs/tl1b
+#   BUCKET=my-bucket scripts/tpu_vm.sh mount   # gs://my-bucket at /mnt/gcs/my-bucket on all workers
+#   scripts/tpu_vm.sh train --config configs/tinyllama-1b.yaml train.run_dir=/mnt/gcs/my-bucket/runs/tl1b
 #   scripts/tpu_vm.sh logs                   # fetch every worker's log into logs/$TPU_NAME/
 #   scripts/tpu_vm.sh ssh 'nvidia-smi || true'   # any command on all workers
 #   scripts/tpu_vm.sh stop                   # kill the training processes on all workers
@@ -112,6 +113,20 @@ case "$cmd" in
     done
     echo "fetched $n logs into $out/ (worker 0 writes the metrics; the others only errors)"
     tail -n 5 "$out/worker0.log"
+    ;;
+
+  mount)
+    # A GCS bucket as a directory shared by all workers (gcsfuse): a run directory under it holds
+    # the checkpoints every worker writes and the logs worker 0 writes.
+    : "${BUCKET:?set BUCKET (the bucket name, without gs://)}"
+    on_all "set -e; if ! command -v gcsfuse >/dev/null; then \
+              echo 'deb https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -c -s)' main' \
+                | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; \
+              curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - >/dev/null 2>&1; \
+              sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; fi; \
+            sudo mkdir -p /mnt/gcs/$BUCKET; sudo chown \$(id -u):\$(id -g) /mnt/gcs/$BUCKET; \
+            mountpoint -q /mnt/gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET /mnt/gcs/$BUCKET"
+    echo "mounted gs://$BUCKET at /mnt/gcs/$BUCKET on every worker; e.g. train.run_dir=/mnt/gcs/$BUCKET/runs/NAME"
     ;;
 
   ssh)
