@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from gf_jax import metrics
-from gf_jax.generate import generate
+from gf_jax.generate import data_parallel_size, generate, place_on_mesh, replicate_outputs
 from gf_jax.goldfish import GoldfishConfig, chunked_loss_fn
 from gf_jax.report import markdown_table, write_report
 
@@ -178,9 +178,9 @@ def evaluate_memorization(
 # Losses: per document (membership inference) and over a held-out split.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "mesh"))
 def _row_xent_jit(graphdef, state, inputs_BxT, targets_BxT, positions_BxT, segment_ids_BxT, weights_BxT,
-                  *, chunk_size):
+                  *, chunk_size, mesh=None):
     """Per-row (sum of target NLL in nats, number of real targets); logits never fully materialised."""
     model = nnx.merge(graphdef, state)
     h_BxTxD = model.hidden(inputs_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
@@ -191,7 +191,7 @@ def _row_xent_jit(graphdef, state, inputs_BxT, targets_BxT, positions_BxT, segme
                                  weights_BxT=weights_T[None], chunk_size=chunk_size)
         return aux["xent_all_sum"], aux["n_valid"]
 
-    return jax.vmap(one_row)(h_BxTxD, targets_BxT, weights_BxT)
+    return replicate_outputs(jax.vmap(one_row)(h_BxTxD, targets_BxT, weights_BxT), mesh)
 
 
 def _row_xent(model, batch: dict, mesh=None, chunk_size: int = 128):
@@ -203,7 +203,8 @@ def _row_xent(model, batch: dict, mesh=None, chunk_size: int = 128):
     from gf_jax.sharding import batch_sharding
 
     with jax.set_mesh(mesh):
-        return _row_xent_jit(graphdef, state, *jax.device_put(arrays, batch_sharding(mesh)), chunk_size=chunk_size)
+        return _row_xent_jit(graphdef, state, *jax.device_put(arrays, batch_sharding(mesh)), chunk_size=chunk_size,
+                             mesh=mesh)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -222,8 +223,8 @@ def document_nll(model, docs_tokens: Sequence[Sequence[int]], *, batch_size: int
     if any(len(d) < 2 for d in docs):
         raise ValueError("every document needs at least 2 tokens to have a next-token loss.")
     if mesh is not None:
-        data_parallel = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp")]))
-        batch_size = _round_up(batch_size, data_parallel)
+        batch_size = _round_up(batch_size, data_parallel_size(mesh))
+        model = place_on_mesh(model, mesh)
     order = np.argsort([-len(d) for d in docs], kind="stable")
     nll = np.zeros(len(docs), np.float64)
     bar = _progress_bar(progress, len(docs), "document loss")
@@ -301,6 +302,7 @@ def heldout_loss(model, batches: Iterable[dict], *, mesh=None, progress: bool | 
     targets; all of them count (no goldfish mask): this is the model's quality on unseen text.
     """
     total, count = 0.0, 0
+    model = place_on_mesh(model, mesh)
     bar = _progress_bar(progress, None, "held-out loss", unit="batch")
     for batch in batches:
         xent_B, n_B = _row_xent(model, batch, mesh)
@@ -428,8 +430,10 @@ def evaluate_run(run_dir: str, docs: list, heldout: list | None, args, mesh=None
             progress=f"{name}: MIA",
         )
         seq_len = min(config.train.seq_len, model.config.max_seq_len)
-        batches = data.eval_batches([np.asarray(t, np.int32) for t in held_tokens], global_batch=args.batch_size,
-                                    seq_len=seq_len, pad_id=tokenizer.pad_id, mode=config.data.mode)
+        global_batch = args.batch_size if mesh is None else _round_up(args.batch_size, data_parallel_size(mesh))
+        batches = data.eval_batches([np.asarray(t, np.int32) for t in held_tokens], global_batch=global_batch,
+                                    seq_len=seq_len, pad_id=tokenizer.pad_id, mode=config.data.mode,
+                                    process_index=0, process_count=1)  # every host builds the global batch
         loss, ppl = heldout_loss(model, batches, mesh=mesh, progress=f"{name}: held-out loss")
         result["heldout"] = {"loss": loss, "perplexity": ppl, "n_documents": len(heldout)}
     return result

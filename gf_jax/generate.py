@@ -146,8 +146,37 @@ def _decode_jit(graphdef, state, tokens_BxP, lengths_B, starts_B, *, n_new, beam
     constrain = _batch_constraint(mesh)
     tokens_BxP, lengths_B, starts_B = constrain((tokens_BxP, lengths_B, starts_B))
     if beam_width == 1:
-        return _greedy(model, tokens_BxP, lengths_B, starts_B, n_new, constrain)
-    return _beam(model, tokens_BxP, lengths_B, starts_B, n_new, beam_width, constrain)
+        out = _greedy(model, tokens_BxP, lengths_B, starts_B, n_new, constrain)
+    else:
+        out = _beam(model, tokens_BxP, lengths_B, starts_B, n_new, beam_width, constrain)
+    return replicate_outputs(out, mesh)
+
+
+def data_parallel_size(mesh) -> int:
+    """Rows of a batch a mesh splits across (its ``data`` x ``fsdp`` axes); batches divide by it."""
+    return int(np.prod([mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp")]))
+
+
+def place_on_mesh(model, mesh):
+    """The model with its parameters where training keeps them on ``mesh`` (``model_shardings``).
+
+    A no-op copy for a model restored onto this mesh (``gf_jax.checkpoint.load_model(mesh=...)``).
+    """
+    if mesh is None:
+        return model
+    from gf_jax.sharding import model_shardings
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, model_shardings(state, mesh)))
+
+
+def replicate_outputs(tree, mesh):
+    """Small results replicated on every device, so every host of a pod can read all of them."""
+    if mesh is None:
+        return tree
+    from gf_jax.sharding import replicated
+
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated(mesh)), tree)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new"))
@@ -288,14 +317,11 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if mesh is not None:
         # Every data-parallel shard gets whole rows.
-        data_parallel = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp")]))
-        batch_size = _round_up(batch_size, data_parallel)
-        from gf_jax.sharding import batch_sharding, model_shardings
+        batch_size = _round_up(batch_size, data_parallel_size(mesh))
+        from gf_jax.sharding import batch_sharding
 
         sharding = batch_sharding(mesh)
-        # Parameters go where training keeps them (a no-op for a model restored onto this mesh).
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, jax.device_put(state, model_shardings(state, mesh)))
+        model = place_on_mesh(model, mesh)
     else:
         batch_size = min(batch_size, n)
 

@@ -258,3 +258,21 @@ def test_cli_compares_runs_on_the_documents_they_trained_on(setup, tmp_path, cap
     _save_run(str(tmp_path / "small"), small, data_config, setup["tokenizer"].path)
     with pytest.raises(ValueError, match="model.vocab_size"):
         evaluate.main(["--run", str(tmp_path / "small"), "--docs", "train", "--out", str(out)])
+
+
+def test_sharded_evaluation_equals_single_device(setup):
+    from gf_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))  # 8 simulated CPU devices
+    model, tok = setup["trained"], setup["tokenizer"]
+    docs = setup["members"] + setup["nonmembers"]
+    np.testing.assert_allclose(evaluate.document_nll(model, docs, batch_size=3, mesh=mesh),
+                               evaluate.document_nll(model, docs, batch_size=3), rtol=1e-4)
+    batches = list(data.eval_batches([np.asarray(d, np.int32) for d in docs], global_batch=8, seq_len=32,
+                                     pad_id=tok.pad_id))
+    assert evaluate.heldout_loss(model, batches, mesh=mesh)[0] == pytest.approx(
+        evaluate.heldout_loss(model, batches)[0], rel=1e-5)
+    sharded, agg = evaluate.evaluate_memorization(model, tok, docs, suffix_len=SUFFIX, mesh=mesh)
+    single, _ = evaluate.evaluate_memorization(model, tok, docs, suffix_len=SUFFIX)
+    assert [d["generated"] for d in sharded] == [d["generated"] for d in single]
+    assert agg["n_memorized"] >= len(MEMBERS)
