@@ -17,8 +17,19 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Trains configs/tiny.yaml (4-GL goldfish loss, Tiny Shakespeare) from scratch on CPU, ~2 minutes.
+DEMO_RUN ?= runs/demo
 demo: $(STAMP)
-	$(PY) -m gf_jax.demo
+	rm -rf $(DEMO_RUN)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m gf_jax.train --config configs/tiny.yaml train.run_dir=$(DEMO_RUN)
+	@echo
+	@echo "Run directory $(DEMO_RUN):"
+	@echo "  checkpoints  $(DEMO_RUN)/checkpoints/<step>/  (model, optimizer, data position, config)"
+	@echo "  metrics      $(DEMO_RUN)/metrics.jsonl         (one JSON record per log step / evaluation)"
+	@echo "  config       $(DEMO_RUN)/config.yaml           (resolved; tokenizer in $(DEMO_RUN)/tokenizer.model)"
+	@echo "Resume or extend:  $(PY) -m gf_jax.train --config $(DEMO_RUN)/config.yaml train.steps=400"
+	@echo "Evaluate memorization / membership inference / held-out loss:"
+	@echo "  $(PY) -m gf_jax.evaluate --run $(DEMO_RUN) --docs train --heldout validation --max-docs 64 --suffix-len 32"
 
 clean-venv:
 	rm -rf $(VENV)

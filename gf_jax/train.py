@@ -539,6 +539,8 @@ class Trainer:
         )
 
     def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self._preempted is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self._preempted = signum
 
     # ---- the loop -----------------------------------------------------------------------------
