@@ -2,7 +2,7 @@
 goldfish mask as a step-time ratio goldfish / standard measured side by side in one run.
 
     python scripts/bench_train.py --config configs/tiny.yaml
-    python scripts/bench_train.py --config configs/tinyllama-1b.yaml train.global_batch=16 train.grad_accum=1
+    python scripts/bench_train.py --config configs/tinyllama-1b.yaml train.global_batch=8 train.grad_accum=1
 
 The step is the trainer's own jitted step (``gf_jax.train.make_step_functions``: sharded state,
 donated, goldfish mask inside the step) on a fixed, device-resident batch of packed synthetic
