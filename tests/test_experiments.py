@@ -1,0 +1,154 @@
+"""The paper-reproduction scripts run end to end on their smoke presets (a tiny model, a few
+steps) and write one sane result per arm; every experiment preset, full-size ones included,
+is a valid config."""
+
+import glob
+import importlib
+import json
+import math
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+memorization = importlib.import_module("memorization_experiment")
+canary = importlib.import_module("canary_experiment")
+common = importlib.import_module("experiment_common")
+
+
+@pytest.fixture(scope="module")
+def tok_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tokenizers"))
+
+
+@pytest.fixture(scope="module")
+def memorization_run(tmp_path_factory, tok_cache):
+    out = str(tmp_path_factory.mktemp("memorization"))
+    result = memorization.run(["--preset", "smoke", "--out", out, "--devices", "1",
+                               f"data.tokenizer_cache_dir={tok_cache}"])
+    return out, result
+
+
+def _check_arm_rows(arms: dict, n_docs: int):
+    for name, r in arms.items():
+        agg = r["memorization"]["aggregate"]
+        assert agg["n_documents"] == n_docs and agg["n_skipped"] == 0, name
+        assert 0 <= agg["n_memorized"] <= n_docs
+        for row in r["memorization"]["per_doc"]:
+            assert 0.0 <= row["rougeL"] <= 1.0 and 0.0 <= row["exact_match"] <= 1.0
+            assert isinstance(row["generated"], str) and row["reference"]
+        assert 0.0 <= r["mia"]["loss"]["auc"] <= 1.0
+        assert math.isfinite(r["heldout"]["loss"]) and r["heldout"]["loss"] > 0
+        assert r["train"]["status"] == "done" and math.isfinite(r["train"]["final_loss_all"])
+
+
+def test_memorization_smoke_writes_one_row_per_arm(memorization_run):
+    out, result = memorization_run
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert list(saved["arms"]) == list(memorization.ARM_NAMES)
+    _check_arm_rows(saved["arms"], n_docs=3)
+    for name in ("results.md", "rougeL_hist.png", "report/report.md", "report/report.json", "report/rougeL_hist.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    table = open(os.path.join(out, "results.md")).read()
+    assert all(r["label"] in table for r in saved["arms"].values())
+    # Steps come from the epochs: 4 epochs of 3 one-row documents at batch 3.
+    assert all(r["train"]["step"] == 4 for r in saved["arms"].values())
+
+
+def test_memorization_documents_are_the_training_documents(memorization_run):
+    out, _ = memorization_run
+    saved = json.load(open(os.path.join(out, "results.json")))
+    docs = saved["documents"]
+    assert len(docs["members"]) == 3 and len(docs["control"]) == 3 and len(docs["heldout"]) == 2
+    assert not set(docs["members"]) & (set(docs["control"]) | set(docs["heldout"]))
+    from gf_jax.config import load_config
+    from gf_jax.data import load_documents
+
+    for arm, expected in (("standard", docs["members"]), ("control", docs["control"])):
+        config = load_config(os.path.join(out, "arms", arm, "config.yaml"))
+        assert [d.id for d in load_documents(config.data)] == expected
+    # Every arm is evaluated on the members, the control included.
+    for r in saved["arms"].values():
+        assert [row["id"] for row in r["memorization"]["per_doc"]] == docs["members"]
+    # The goldfish arms leave suffix tokens unsupervised, the standard arm none.
+    never = {name: [row["suffix_never_supervised"] for row in r["memorization"]["per_doc"]]
+             for name, r in saved["arms"].items()}
+    assert never["standard"] == [0, 0, 0] and never["random-drop"] == [None] * 3
+    assert sum(never["goldfish-static"]) == 6  # every 4th of 8 suffix targets, in each of 3 documents
+
+
+def test_memorization_init_from_starts_from_trained_weights(memorization_run, tmp_path, tok_cache):
+    trained, _ = memorization_run
+    common_args = ["--preset", "smoke", "--devices", "1", "--arms", "standard", f"data.tokenizer_cache_dir={tok_cache}"]
+    result = memorization.run(common_args + ["--out", str(tmp_path), "--init-from", os.path.join(trained, "arms", "standard")])
+
+    def first_loss(run_dir):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return json.loads(f.readline())["loss_all"]
+
+    scratch = first_loss(os.path.join(trained, "arms", "standard"))
+    continued = first_loss(result["arms"]["standard"]["run_dir"])
+    assert continued < scratch - 0.1
+
+
+def test_canary_smoke_writes_one_row_per_arm(tmp_path, tok_cache):
+    result = canary.run(["--preset", "smoke", "--out", str(tmp_path), "--devices", "1",
+                         f"data.tokenizer_cache_dir={tok_cache}"])
+    saved = json.load(open(tmp_path / "results.json"))
+    assert list(saved["arms"]) == ["standard", "k4", "control"]
+    _check_arm_rows(saved["arms"], n_docs=2)
+    assert saved["arms"]["k4"]["goldfish"]["k"] == 4 and saved["arms"]["k4"]["goldfish"]["strategy"] == "hash"
+    assert len(saved["heldout_canary_ids"]) == 2 and not set(saved["canary_ids"]) & set(saved["heldout_canary_ids"])
+    assert all(i.startswith("canary/") for i in saved["canary_ids"])
+    # The canaries reached the training stream of the canary arms, not the control's.
+    from gf_jax.config import load_config
+
+    assert load_config(str(tmp_path / "arms" / "k4" / "config.yaml")).data.canary_repeats == 3
+    assert load_config(str(tmp_path / "arms" / "control" / "config.yaml")).data.canary_repeats == 0
+    for name in ("results.md", "rougeL_hist.png", "report/report.md"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    assert result["meta"]["steps"] == 6
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "experiments", "*.yaml"))))
+def test_experiment_presets_are_valid(path):
+    name = os.path.basename(path)
+    cls = memorization.MemorizationExperiment if name.startswith("memorization_") else canary.CanaryExperiment
+    experiment, config = common.load_experiment(path, [], cls)
+    assert config.train.seq_len <= config.model.max_seq_len
+
+
+def test_unknown_experiment_key_is_a_clear_error():
+    path = common.preset_path("memorization", "smoke", memorization.PRESET_ALIASES)
+    with pytest.raises(ValueError, match="experiment.epoch"):
+        common.load_experiment(path, ["experiment.epoch=3"], memorization.MemorizationExperiment)
+    with pytest.raises(ValueError, match="no preset 'nope'"):
+        common.preset_path("memorization", "nope", memorization.PRESET_ALIASES)
+
+
+def test_truncate_to_tokens_cuts_at_a_token_boundary(tmp_path):
+    from gf_jax.data import read_text_documents
+    from gf_jax.tokenizer import cached_tokenizer
+
+    docs = read_text_documents(os.path.join(REPO, "data", "wikitext2_valid.txt"), "wikitext")[:4]
+    tokenizer = cached_tokenizer([d.text for d in docs], 400, str(tmp_path))
+    for doc in docs:
+        for n in (17, 60):
+            cut = common.truncate_to_tokens(doc.text, tokenizer, n)
+            assert doc.text.startswith(cut) and len(tokenizer.encode([cut])[0]) == n
+    assert common.truncate_to_tokens("a few words", tokenizer, 500) is None
+
+
+def test_rows_per_epoch_matches_the_pipeline():
+    import numpy as np
+
+    from gf_jax.data import BatchIterator
+
+    lengths = [5, 40, 17, 64, 65, 3]
+    tokens = [np.arange(n, dtype=np.int32) % 7 for n in lengths]
+    for mode in ("packed", "document"):
+        it = BatchIterator(tokens, global_batch=2, seq_len=16, mode=mode, process_index=0, process_count=1, prefetch=0)
+        assert common.rows_per_epoch(lengths, 16, mode) == it.rows_per_epoch
