@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import filecmp
 import functools
+import hashlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gf_jax import goldfish
+from gf_jax import distributed, goldfish
 from gf_jax.checkpoint import TOKENIZER_FILE, Checkpointer, abstract_with_shardings, check_compatible
 from gf_jax.config import RunConfig, TrainConfig, load_config, save_config, to_dict
 from gf_jax.model import Transformer, flops_per_token
@@ -445,6 +446,11 @@ class Trainer:
             )
 
         self.tokenizer, tokenizer_path = resolve_tokenizer(config, self.run_dir)
+        with open(self.tokenizer.path, "rb") as f:  # every process must cut text into the same ids
+            distributed.check_same_on_all_processes(
+                hashlib.sha256(f.read()).hexdigest(),
+                "tokenizer (set data.tokenizer to one .model file that every host can read)",
+            )
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer_path))
         self.config = config
         if is_main_process():
@@ -453,6 +459,9 @@ class Trainer:
         self.train_iter = data_lib.make_train_iterator(
             config.data, self.tokenizer, global_batch=t.global_batch, seq_len=t.seq_len, split="train"
         )
+        # The loop state is written by process 0 only; each process's data stream differs, so it
+        # carries every process's fingerprint and each one resumes checking its own.
+        self.data_fingerprints = distributed.allgather_str(str(self.train_iter.get_state().get("fingerprint", "")))
         self.val_tokens = None
         if t.eval_every > 0:  # tokenized once; every evaluation passes over the same documents
             self.val_tokens = data_lib.tokenize_documents(
@@ -478,7 +487,7 @@ class Trainer:
             )
             self.model_state, self.opt_state = restored["model"], restored["optimizer"]
             loop = restored["loop"]
-            self.train_iter.set_state(loop["data"])
+            self.train_iter.set_state(self._own_data_state(loop))
             self.supervised_tokens = int(loop["supervised_tokens"])
             self.input_tokens = int(loop["input_tokens"])
             self.step = self.resume_step
@@ -532,11 +541,38 @@ class Trainer:
             opt_state=self.opt_state,
             loop_state={
                 "data": self.train_iter.get_state(),
+                "data_fingerprints": self.data_fingerprints,
                 "supervised_tokens": self.supervised_tokens,
                 "input_tokens": self.input_tokens,
             },
             config_dict=to_dict(self.config),
         )
+
+    def _should_stop(self) -> bool:
+        """A stop signal arrived (multi-process: on any process, agreed at this same step)."""
+        if self._preempted is not None:
+            return True
+        if distributed.is_multiprocess():
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(self.step):
+                self._preempted = signal.SIGTERM
+                return True
+        return False
+
+    def _own_data_state(self, loop: dict) -> dict:
+        """This process's data-iterator state from a checkpoint's loop state."""
+        state = dict(loop["data"])
+        fingerprints = loop.get("data_fingerprints")
+        if fingerprints is not None and "fingerprint" in state:
+            if len(fingerprints) != jax.process_count():
+                raise ValueError(
+                    f"{self.run_dir} was trained by {len(fingerprints)} processes and this run has "
+                    f"{jax.process_count()}; resume it with {len(fingerprints)} processes (each one's data "
+                    "stream depends on it), or read its parameters anywhere with gf_jax.checkpoint.load_model."
+                )
+            state["fingerprint"] = fingerprints[jax.process_index()]
+        return state
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self._preempted is not None:
@@ -575,7 +611,9 @@ class Trainer:
             )
 
         previous_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # Multi-process: SIGTERM is left to JAX's preemption service, which makes every process
+        # stop after the same step (see _should_stop); a process stopping alone would hang the rest.
+        for sig in () if distributed.is_multiprocess() else (signal.SIGTERM, signal.SIGINT):
             try:
                 previous_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: no preemption handling
@@ -611,7 +649,7 @@ class Trainer:
                 log_due = self.step % t.log_every == 0 or self.step == end
                 ckpt_due = (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or self.step == end
                 eval_due = t.eval_every > 0 and (self.step % t.eval_every == 0 or self.step == end)
-                stop = self._preempted is not None
+                stop = self._should_stop()
                 if log_due or ckpt_due or eval_due or stop:
                     # Reading the metrics back waits for the steps; done only here so that the
                     # host runs ahead of the devices between records.
@@ -735,6 +773,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        # Before anything touches a device: joins the other processes of a multi-host run.
+        distributed.maybe_initialize(config.distributed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    # An error in one process of a multi-host run ends that process at once (after printing it),
+    # so the others are stopped instead of waiting for it in a collective.
+    distributed.exit_on_error(lambda: _train_main(config))
+
+
+def _train_main(config: RunConfig) -> None:
+    try:
         trainer = Trainer(config)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,25 @@
 """Multi-process runs: when start-up initialises jax.distributed (decision table), and real
 multi-process training on localhost (CPU devices, gloo collectives)."""
 
-import pytest
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gf_jax import data as data_lib
+from gf_jax.checkpoint import load_model
+from gf_jax.config import load_config
 from gf_jax.distributed import DistributedConfig, plan
+from gf_jax.train import Trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,3 +87,200 @@ def test_config_values_are_checked():
         DistributedConfig(cpu_collectives="nccl")
     with pytest.raises(ValueError, match="heartbeat_timeout must be >= 1"):
         DistributedConfig(heartbeat_timeout=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real multi-process runs on localhost: N processes x 2 CPU devices, gloo collectives, one mesh.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+DEVICES_PER_PROCESS = 2
+STEPS = 10
+HEARTBEAT_S = 10
+# The tiny config shrunk so that a process starts, compiles and trains in seconds on 2 CPU cores.
+SMALL = [
+    "model.vocab_size=384", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+    "model.d_ff=64", "model.max_seq_len=64", "data.max_documents=400", "data.validation_fraction=0.1",
+    "data.vocab_size=384", "train.global_batch=8", "train.seq_len=32", f"train.steps={STEPS}", "train.warmup=2",
+    "train.log_every=1", "train.ckpt_every=0", "train.eval_every=0", "train.progress=false",
+    "train.tensorboard=false",
+]
+COMPARED = ("loss", "loss_all", "loss_dropped", "drop_fraction", "grad_norm", "supervised_tokens")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A 384-piece tokenizer trained once on the test documents (every process reads this file)."""
+    config = load_config(TINY, SMALL)
+    cache = str(tmp_path_factory.mktemp("tokenizers"))
+    return data_lib.load_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """N ``python -m gf_jax.train`` processes on localhost; killed on exit whatever happens."""
+
+    def __init__(self, n, run_dir, tokenizer, log_dir, extra=(), per_process=None):
+        self.n, self.run_dir, self.logs = n, str(run_dir), [os.path.join(log_dir, f"process{i}.log") for i in range(n)]
+        port = free_port()
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"}
+        self.procs = []
+        for i in range(n):
+            cmd = [
+                sys.executable, "-m", "gf_jax.train", "--config", TINY, *SMALL, f"data.tokenizer={tokenizer}",
+                f"train.run_dir={run_dir}", f"distributed.coordinator_address=127.0.0.1:{port}",
+                f"distributed.num_processes={n}", f"distributed.process_id={i}",
+                f"distributed.heartbeat_timeout={HEARTBEAT_S}", "distributed.initialization_timeout=60",
+                *extra, *(per_process or {}).get(i, ()),
+            ]
+            with open(self.logs[i], "w") as log:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait(timeout=30)
+
+    def wait(self, timeout: float, *, while_running=None) -> list[int]:
+        """Exit codes of all processes; fails (after killing them) past ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs):
+            if time.monotonic() > deadline:
+                pytest.fail(f"processes still running after {timeout:.0f} s:\n{self.output()}")
+            if while_running is not None:
+                while_running(self)
+            time.sleep(0.1)
+        return [p.returncode for p in self.procs]
+
+    def output(self, i: int | None = None) -> str:
+        texts = []
+        for j in range(self.n) if i is None else [i]:
+            with open(self.logs[j]) as f:
+                texts.append(f"--- process {j} ---\n{f.read()[-4000:]}" if i is None else f.read())
+        return "\n".join(texts)
+
+
+def records(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def reference_run(config, n_processes: int, monkeypatch) -> str:
+    """The same training in this process on as many devices, fed the global batches that
+    ``n_processes`` processes assemble (their local shares, concatenated in process order)."""
+    original = data_lib.make_train_iterator
+
+    class Shares:
+        def __init__(self, iterators):
+            self.iterators = iterators
+
+        def __next__(self):
+            parts = [next(it) for it in self.iterators]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+        def get_state(self):
+            return {"step": self.iterators[0].get_state()["step"]}
+
+        def close(self):
+            for it in self.iterators:
+                it.close()
+
+    def make_train_iterator(*args, **kwargs):
+        return Shares([original(*args, process_index=i, process_count=n_processes, **kwargs) for i in range(n_processes)])
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", make_train_iterator)
+    Trainer(config, devices=jax.devices()[: n_processes * DEVICES_PER_PROCESS], log=lambda line: None).run()
+    return config.train.run_dir
+
+
+def params(run_dir) -> list[np.ndarray]:
+    model, _, _ = load_model(run_dir)  # one process, one device: whatever wrote it
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def assert_same_training(run_dir, reference_dir):
+    got, want = records(run_dir), records(reference_dir)
+    val_got, val_want = [r for r in got if "val_loss" in r], [r for r in want if "val_loss" in r]
+    for g, w in zip(val_got, val_want, strict=True):  # held-out loss over batches dealt to processes
+        assert (g["step"], g["val_tokens"]) == (w["step"], w["val_tokens"])
+        assert g["val_loss"] == pytest.approx(w["val_loss"], rel=1e-5)
+    got, want = [r for r in got if "loss" in r], [r for r in want if "loss" in r]
+    # Process 0 alone writes: one record per step, no duplicates from the other processes.
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for g, w in zip(got, want):
+        for key in COMPARED:
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
+    # The checkpoint written by all processes restores in this single process, on one device.
+    for a, b in zip(params(run_dir), params(reference_dir), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # 10 AdamW steps of float32 noise
+
+
+def test_two_processes_preempted_and_resumed_train_like_one_process(tmp_path, tokenizer_path, monkeypatch):
+    """2 processes x 2 devices (mesh fsdp=4). SIGTERM to process 1 only: both stop after the same
+    step with one checkpoint; the same command resumes; losses and parameters equal one process
+    on 4 devices fed the same global batches, and the checkpoint loads in one process."""
+    run_dir = tmp_path / "run"
+    evaluate = [f"train.eval_every={STEPS}"]
+
+    def preempt_process_1(cluster):
+        # config.yaml is written after the processes' first collective (so JAX's preemption
+        # service is listening) and before the first step.
+        if not cluster.preempted and (run_dir / "config.yaml").exists():
+            cluster.procs[1].send_signal(signal.SIGTERM)
+            cluster.preempted = True
+
+    with Cluster(2, run_dir, tokenizer_path, tmp_path, extra=evaluate) as cluster:
+        cluster.preempted = False
+        assert cluster.wait(240, while_running=preempt_process_1) == [0, 0], cluster.output()
+        out0 = cluster.output(0)
+    assert "{'data': 1, 'fsdp': 4, 'tensor': 1}" in out0  # one mesh over both processes' devices
+    assert "received signal" in out0 and "step " not in cluster.output(1)  # process 1 prints no log lines
+    stopped = records(run_dir)[-1]["step"]
+    assert 1 <= stopped < STEPS and os.listdir(run_dir / "checkpoints") == [str(stopped)]
+
+    with Cluster(2, run_dir, tokenizer_path, tmp_path, extra=evaluate) as cluster:
+        assert cluster.wait(240) == [0, 0], cluster.output()
+        assert f"resuming from step {stopped}" in cluster.output(0)
+
+    config = load_config(TINY, SMALL + evaluate + [f"data.tokenizer={tokenizer_path}",
+                                                  f"train.run_dir={tmp_path / 'reference'}"])
+    assert_same_training(run_dir, reference_run(config, 2, monkeypatch))
+    assert any("val_loss" in r for r in records(run_dir))
+
+
+def test_four_processes_train_like_one_process(tmp_path, tokenizer_path, monkeypatch):
+    """4 processes x 2 devices on a data=2 x fsdp=4 mesh equal one process on 8 devices."""
+    mesh = ["mesh.data=2", "mesh.fsdp=4"]
+    with Cluster(4, tmp_path / "run", tokenizer_path, tmp_path, extra=mesh) as cluster:
+        assert cluster.wait(300) == [0, 0, 0, 0], cluster.output()
+        assert "{'data': 2, 'fsdp': 4, 'tensor': 1}" in cluster.output(0)
+    config = load_config(TINY, SMALL + mesh + [f"data.tokenizer={tokenizer_path}",
+                                              f"train.run_dir={tmp_path / 'reference'}"])
+    assert_same_training(tmp_path / "run", reference_run(config, 4, monkeypatch))
+
+
+def test_an_error_in_one_process_ends_the_whole_run(tmp_path, tokenizer_path):
+    """Process 1 has a bad data path: it exits with the message, and process 0 (already waiting
+    for it in a collective) is stopped by the coordination service instead of hanging."""
+    start = time.monotonic()
+    bad = {1: ["data.path=/nonexistent/corpus.txt"]}
+    with Cluster(2, tmp_path / "run", tokenizer_path, tmp_path, per_process=bad) as cluster:
+        codes = cluster.wait(HEARTBEAT_S + 120)
+        elapsed = time.monotonic() - start
+        assert codes[0] != 0 and codes[1] == 2, cluster.output()
+        assert "data path '/nonexistent/corpus.txt' does not exist" in cluster.output(1)
+        # Process 0 learns it from its failed collective or from the coordination service.
+        out0 = cluster.output(0)
+        assert "error (process 0 of 2)" in out0 or "another task died" in out0, out0
+    assert elapsed < HEARTBEAT_S + 90
