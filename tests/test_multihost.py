@@ -270,17 +270,19 @@ def test_four_processes_train_like_one_process(tmp_path, tokenizer_path, monkeyp
     assert_same_training(tmp_path / "run", reference_run(config, 4, monkeypatch))
 
 
-def test_an_error_in_one_process_ends_the_whole_run(tmp_path, tokenizer_path):
-    """Process 1 has a bad data path: it exits with the message, and process 0 (already waiting
-    for it in a collective) is stopped by the coordination service instead of hanging."""
+@pytest.mark.parametrize("failing", [1, 0])
+def test_an_error_in_one_process_ends_the_whole_run(tmp_path, tokenizer_path, failing):
+    """One process has a bad data path: it exits with the message, and the other (waiting for it
+    in a collective, or for the coordinator it hosted) stops too instead of hanging."""
+    other = 1 - failing
     start = time.monotonic()
-    bad = {1: ["data.path=/nonexistent/corpus.txt"]}
+    bad = {failing: ["data.path=/nonexistent/corpus.txt"]}
     with Cluster(2, tmp_path / "run", tokenizer_path, tmp_path, per_process=bad) as cluster:
         codes = cluster.wait(HEARTBEAT_S + 120)
         elapsed = time.monotonic() - start
-        assert codes[0] != 0 and codes[1] == 2, cluster.output()
-        assert "data path '/nonexistent/corpus.txt' does not exist" in cluster.output(1)
-        # Process 0 learns it from its failed collective or from the coordination service.
-        out0 = cluster.output(0)
-        assert "error (process 0 of 2)" in out0 or "another task died" in out0, out0
+        assert codes[failing] == 2 and codes[other] != 0, cluster.output()
+        assert "data path '/nonexistent/corpus.txt' does not exist" in cluster.output(failing)
+        # The other learns it from its failed collective or from the coordination service.
+        out = cluster.output(other)
+        assert f"error (process {other} of 2)" in out or "another task died" in out, out
     assert elapsed < HEARTBEAT_S + 90
