@@ -236,35 +236,27 @@ def is_multiprocess() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
-def exit_on_error(fn: Callable[[], T], *, exit_codes: dict[type, int] | None = None) -> T:
+def exit_on_error(fn: Callable[[], T]) -> T:
     """Runs ``fn``; in a multi-process run an exception prints its message and ends this process
-    at once (``os._exit``), so the coordination service stops the others.
+    at once (``os._exit``), so that the other processes are stopped too.
 
-    A normal ``sys.exit`` would first wait in JAX's shutdown barrier for processes that are
-    themselves waiting for this one in a collective: the run would hang until a timeout. In a
-    single-process run the exception propagates unchanged. ``exit_codes`` maps exception types
-    to exit statuses (default 1); ``SystemExit`` keeps its own code.
+    A normal exit would first wait in JAX's shutdown barrier for processes that are themselves
+    waiting for this one in a collective: the run would hang until a timeout. In a single-process
+    run the exception propagates unchanged. ``SystemExit`` keeps its status (its message has been
+    printed already); any other exception exits with status 1 after its traceback.
     """
     try:
         return fn()
     except BaseException as e:  # noqa: BLE001 - every failure must end the whole run
         if not is_multiprocess():
             raise
-        code = 1
         if isinstance(e, SystemExit):
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         else:
-            for cls, status in (exit_codes or {}).items():
-                if isinstance(e, cls):
-                    code = status
-                    break
-            known = exit_codes and any(isinstance(e, cls) for cls in exit_codes)
-            prefix = f"error (process {jax.process_index()} of {jax.process_count()}): "
-            if known:
-                print(prefix + str(e), file=sys.stderr)
-            else:
-                traceback.print_exc()
-                print(prefix + f"{type(e).__name__}: {e}", file=sys.stderr)
+            code = 1
+            traceback.print_exc()
+            print(f"error (process {jax.process_index()} of {jax.process_count()}): {type(e).__name__}: {e}",
+                  file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
