@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gf_jax import rundir
+
 # Fields that fix the parameters' shapes or meaning: a checkpoint cannot be resumed under others.
 # dtype, remat, attention kernel and max_seq_len may change between runs.
 ARCHITECTURE_FIELDS = (
@@ -39,7 +41,7 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def checkpoint_dir(run_dir: str) -> str:
-    return os.path.join(os.path.abspath(run_dir), CHECKPOINT_SUBDIR)
+    return rundir.join(rundir.absolute(run_dir), CHECKPOINT_SUBDIR)  # a gs:// URL stays a URL
 
 
 def abstract_with_shardings(state, shardings):
@@ -127,10 +129,10 @@ def check_compatible(saved_model: dict, model_config, run_dir: str) -> None:
 
 def find_tokenizer(run_dir: str, config) -> str:
     """The tokenizer of a run: its copy in the run directory, else the path its config records."""
-    local = os.path.join(run_dir, TOKENIZER_FILE)
-    if os.path.isfile(local):
+    local = rundir.join(run_dir, TOKENIZER_FILE)
+    if rundir.exists(local):
         return local
-    if config.data.tokenizer and os.path.isfile(config.data.tokenizer):
+    if config.data.tokenizer and rundir.exists(config.data.tokenizer):
         return config.data.tokenizer
     raise FileNotFoundError(
         f"no tokenizer found for run {run_dir} (neither {local} nor data.tokenizer="

@@ -355,7 +355,6 @@ def dump_config(config) -> str:
 
 def save_config(config, path: str) -> None:
     """Writes the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(dump_config(config))
-    os.replace(tmp, path)
+    from gf_jax import rundir
+
+    rundir.write_text(path, dump_config(config))

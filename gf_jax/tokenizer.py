@@ -74,7 +74,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
         """Loads a sentencepiece ``.model`` file (raises FileNotFoundError with the path)."""
+        from gf_jax import rundir
+
         path = os.fspath(path)
+        if rundir.is_url(path) and rundir.exists(path):  # e.g. gs://bucket/run/tokenizer.model
+            path = rundir.localize(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"tokenizer model {path!r} does not exist; set data.tokenizer to a sentencepiece "

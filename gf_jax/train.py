@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import filecmp
 import functools
 import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -40,7 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gf_jax import distributed, goldfish
+from gf_jax import distributed, goldfish, rundir
 from gf_jax.checkpoint import TOKENIZER_FILE, Checkpointer, abstract_with_shardings, check_compatible
 from gf_jax.config import RunConfig, TrainConfig, load_config, save_config, to_dict
 from gf_jax.model import Transformer, flops_per_token
@@ -317,22 +315,22 @@ def resolve_tokenizer(config: RunConfig, run_dir: str):
     from gf_jax import data as data_lib
     from gf_jax.tokenizer import Tokenizer
 
-    local = os.path.join(run_dir, TOKENIZER_FILE)
+    local = rundir.join(run_dir, TOKENIZER_FILE)
     if config.data.tokenizer:
         tokenizer = Tokenizer.load(config.data.tokenizer)
-        if os.path.isfile(local) and not filecmp.cmp(local, tokenizer.path, shallow=False):
-            if os.path.abspath(local) != os.path.abspath(tokenizer.path):
+        if rundir.exists(local) and not rundir.same_content(local, tokenizer.path):
+            if rundir.absolute(local) != rundir.absolute(config.data.tokenizer):
                 raise ValueError(
                     f"{run_dir} was trained with a different tokenizer ({local}) than data.tokenizer="
                     f"{config.data.tokenizer}; drop the data.tokenizer setting or choose a new train.run_dir."
                 )
-    elif os.path.isfile(local):
+    elif rundir.exists(local):
         tokenizer = Tokenizer.load(local)
     else:
         tokenizer = data_lib.load_tokenizer(config.data)
-    if is_main_process() and not os.path.isfile(local):
-        os.makedirs(run_dir, exist_ok=True)
-        shutil.copyfile(tokenizer.path, local)
+    if is_main_process() and not rundir.exists(local):
+        rundir.makedirs(run_dir)
+        rundir.copy_file(tokenizer.path, local)
     data_lib.check_vocab_fits(tokenizer, config.model.vocab_size)
     return tokenizer, local
 
@@ -346,21 +344,19 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str, *, resume_step: int | None, tensorboard: bool):
         self.enabled = is_main_process()
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = rundir.join(run_dir, "metrics.jsonl")
         self._tb = None
         if not self.enabled:
             return
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip()]
+        if rundir.exists(self.path):
+            lines = [ln + "\n" for ln in rundir.read_text(self.path).splitlines() if ln.strip()]
             keep = [ln for ln in lines if resume_step is not None and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            rundir.write_text(self.path, "".join(keep))
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # optional; not a dependency
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self._tb = SummaryWriter(rundir.join(run_dir, "tensorboard"))
             except ImportError:
                 self._tb = None
 
@@ -371,8 +367,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        rundir.append_text(self.path, json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
@@ -454,7 +449,7 @@ class Trainer:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer_path))
         self.config = config
         if is_main_process():
-            save_config(config, os.path.join(self.run_dir, "config.yaml"))
+            save_config(config, rundir.join(self.run_dir, "config.yaml"))
 
         self.train_iter = data_lib.make_train_iterator(
             config.data, self.tokenizer, global_batch=t.global_batch, seq_len=t.seq_len, split="train"

@@ -1,0 +1,118 @@
+"""Run-directory file I/O for local paths and cloud URLs (``gs://``, ``s3://``) alike.
+
+Orbax writes checkpoints to a ``gs://`` run directory natively (tensorstore for the arrays,
+``etils.epath`` for the directory layout). The trainer's own small files (``config.yaml``,
+``metrics.jsonl``, ``tokenizer.model``) go through this module, so the whole run directory can live
+in a bucket. Local paths use ``os``; URLs use ``etils.epath`` (Orbax's own path layer; on a TPU VM
+``gs://`` needs ``gcsfs`` installed, which ``scripts/tpu_vm.sh setup`` does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _epath(path: str):
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def absolute(path: str) -> str:
+    """An absolute local path, or the URL unchanged (``os.path.abspath`` would mangle it)."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    return _epath(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def makedirs(path: str) -> None:
+    if is_url(path):
+        _epath(path).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+    if is_url(path):
+        return _epath(path).read_text()
+    with open(path) as f:
+        return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+    if is_url(path):
+        return _epath(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a whole file; a crash never leaves half of it (local: temp file + rename; object
+    stores replace an object atomically)."""
+    if is_url(path):
+        _epath(path).write_text(text)
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def append_text(path: str, text: str) -> None:
+    """Appends to a file. Object stores cannot append, so a URL is read and rewritten whole
+    (metrics files are small and written every N steps)."""
+    if is_url(path):
+        old = read_text(path) if exists(path) else ""
+        _epath(path).write_text(old + text)
+        return
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def copy_file(src: str, dst: str) -> None:
+    if is_url(src) or is_url(dst):
+        data = read_bytes(src)
+        if is_url(dst):
+            _epath(dst).write_bytes(data)
+        else:
+            with open(dst, "wb") as f:
+                f.write(data)
+    else:
+        shutil.copyfile(src, dst)
+
+
+def same_content(a: str, b: str) -> bool:
+    return read_bytes(a) == read_bytes(b)
+
+
+def localize(path: str, cache_dir: str | None = None) -> str:
+    """A local file with the content of ``path``: the path itself when local, else a cached copy
+    (for libraries that only open local files, such as sentencepiece)."""
+    if not is_url(path):
+        return path
+    data = read_bytes(path)
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "gf_jax_remote")
+    os.makedirs(cache_dir, exist_ok=True)
+    name = hashlib.sha256(data).hexdigest()[:16] + "_" + os.path.basename(str(path).rstrip("/"))
+    local = os.path.join(cache_dir, name)
+    if not os.path.exists(local):
+        tmp = f"{local}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    return local
