@@ -67,7 +67,7 @@ def write_text(path: str, text: str) -> None:
     if is_url(path):
         _epath(path).write_text(text)
         return
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -85,15 +85,17 @@ def append_text(path: str, text: str) -> None:
 
 
 def copy_file(src: str, dst: str) -> None:
-    if is_url(src) or is_url(dst):
-        data = read_bytes(src)
-        if is_url(dst):
-            _epath(dst).write_bytes(data)
-        else:
-            with open(dst, "wb") as f:
-                f.write(data)
+    """Copies a file atomically: other processes polling ``dst`` see nothing or the whole file."""
+    if is_url(dst):
+        _epath(dst).write_bytes(read_bytes(src))
+        return
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    if is_url(src):
+        with open(tmp, "wb") as f:
+            f.write(read_bytes(src))
     else:
-        shutil.copyfile(src, dst)
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def same_content(a: str, b: str) -> bool:
