@@ -47,7 +47,8 @@ class CanaryExperiment:
     """The ``experiment`` section.
 
     Attributes:
-      canary_corpus, canary_format: where the canaries come from (wikitext | text | jsonl).
+      canary_corpus, canary_format: where the canaries come from (wikitext | text | jsonl);
+        canary_text_field, canary_id_field: its JSONL keys.
       canaries: documents inserted; heldout_canaries: the next ones, never inserted.
       canary_tokens: every canary is cut to exactly this many tokens (BOS/EOS included).
       repeats: copies of each canary in the stream (the paper: 50).
@@ -64,6 +65,8 @@ class CanaryExperiment:
 
     canary_corpus: str = "data/wikitext2_valid.txt"
     canary_format: str = "wikitext"
+    canary_text_field: str = "text"
+    canary_id_field: str | None = None
     canaries: int = 16
     heldout_canaries: int = 16
     canary_tokens: int = 128
@@ -129,12 +132,15 @@ def prepare(base, exp: CanaryExperiment, out: str):
     from gf_jax import data
 
     source, rule = CANARY_FORMATS[exp.canary_format]
+    if not os.path.exists(exp.canary_corpus):
+        raise FileNotFoundError(f"the canary corpus {exp.canary_corpus!r} does not exist; set "
+                                "experiment.canary_corpus to a WikiText-style .txt or a .jsonl of documents.")
     canary_pool = data.read_background(data.DataConfig(source=source, path=exp.canary_corpus, split_rule=rule,
-                                                        text_field=base.data.text_field,
-                                                        id_field=base.data.id_field if source == "jsonl" else None))
+                                                        text_field=exp.canary_text_field,
+                                                        id_field=exp.canary_id_field))
     texts = []
-    if not base.data.tokenizer:  # train one: read the background (a pre-trained one needs nothing)
-        texts = [d.text for d in data.load_documents(base.data, "train")] + [d.text for d in canary_pool]
+    if not base.data.tokenizer:  # train one (a given tokenizer needs no reading)
+        texts = common.sample_texts(base.data, max_chars=50_000_000) + [d.text for d in canary_pool]
     tokenizer = common.corpus_tokenizer(base.data, texts)
     n_special = int(base.data.add_bos) + int(base.data.add_eos)
     need = exp.canaries + exp.heldout_canaries
@@ -192,8 +198,8 @@ def arm_config(base, arm: common.Arm, data_config, steps: int, run_dir: str):
         data=data_config if arm.name != "control" else dataclasses.replace(data_config, canary_repeats=0),
         goldfish=arm.goldfish,
     )
-    config = common.replace(config, train=dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0, ckpt_every=0,
-                                               keep_ckpts=1, tensorboard=False, warmup=min(base.train.warmup, steps - 1)))
+    config = common.replace(config, train=dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0,
+                                               warmup=min(base.train.warmup, steps - 1)))
     validate(config)
     return config
 
@@ -320,15 +326,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
             "parameters": param_count(base.model), "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.path,
             "background_documents": n_background, "stream_tokens": stream_tokens, "canary_tokens": canary_stream,
             "steps": steps, "canary_ids": [d.id for d in injected], "heldout_canary_ids": [d.id for d in held_out]}
-    print(f"[canary] {len(injected)} canaries of {exp.canary_tokens} tokens x {exp.repeats} in {where}; "
+    common.say(f"[canary] {len(injected)} canaries of {exp.canary_tokens} tokens x {exp.repeats} in {where}; "
           f"{steps} steps of {base.train.global_batch} x {base.train.seq_len}; arms: {', '.join(exp.arms)}; "
-          f"model {meta['parameters']:,} parameters; output {out}", flush=True)
+          f"model {meta['parameters']:,} parameters; output {out}")
 
     results: dict = {}
     special = tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i >= 0)
     for name, arm in make_arms(exp, special).items():
         config = arm_config(base, arm, data_config, steps, os.path.join(out, "arms", name))
-        print(f"[canary] arm {name}: {arm_label(arm)}", flush=True)
+        common.say(f"[canary] arm {name}: {arm_label(arm)}")
         model, mesh, summary = common.train_arm(config, devices=devices, init_from=args.init_from, fresh=args.fresh)
         result = evaluate_arm(model, mesh, tokenizer, config, exp, injected, canary_tokens, heldout_tokens, val_tokens)
         result.update(label=arm_label(arm), trains_on=arm.trains_on, run_dir=config.train.run_dir,
@@ -336,13 +342,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
         results[name] = result
         del model
         agg = result["memorization"]["aggregate"]
-        print(f"[canary] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, RougeL "
-              f"{agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}", flush=True)
-        table = write_outputs(out, results, exp, base, meta)
-    print()
-    print(table)
-    print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
-          f"{os.path.join(out, 'rougeL_hist.png')}, report/")
+        common.say(f"[canary] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, RougeL "
+              f"{agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}")
+        if common.is_main():  # after every arm: partial results survive an interruption
+            table = write_outputs(out, results, exp, base, meta)
+    if common.is_main():
+        print()
+        print(table)
+        print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
+              f"{os.path.join(out, 'rougeL_hist.png')}, report/")
     return {"out": out, "arms": results, "meta": meta}
 
 

@@ -116,6 +116,25 @@ def corpus_tokenizer(data_config, texts: Sequence[str]):
     return cached_tokenizer(list(texts), data_config.vocab_size, data_config.tokenizer_cache_dir)
 
 
+def sample_texts(data_config, *, max_chars: int) -> list[str]:
+    """Texts of the training split of a source, in order, until ``max_chars`` characters (the
+    tokenizer's training text; canaries excluded)."""
+    from gf_jax import data
+
+    docs = data.read_background(data_config)
+    texts, n_chars = [], 0
+    for start in range(0, len(docs), 4096):
+        indices = range(start, min(start + 4096, len(docs)))
+        chunk = docs.get_many(indices) if hasattr(docs, "get_many") else [docs[i] for i in indices]
+        for d in chunk:
+            if data.split_of(d.id, data_config.validation_fraction) == "train":
+                texts.append(d.text)
+                n_chars += len(d.text)
+        if n_chars >= max_chars:
+            break
+    return texts
+
+
 def document_tokens(docs, tokenizer, data_config) -> list[list[int]]:
     """Token ids of each document exactly as the data pipeline frames them (BOS/EOS)."""
     from gf_jax import data
@@ -143,6 +162,18 @@ class Arm:
     goldfish: Any                  # gf_jax.goldfish.GoldfishConfig
     trains_on: str                 # human-readable, for the table
     data: dict = dataclasses.field(default_factory=dict)  # DataConfig fields of this arm
+
+
+def is_main() -> bool:
+    """Only process 0 of a multi-host run writes the results and prints."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def say(line: str) -> None:
+    if is_main():
+        print(line, flush=True)
 
 
 def select_devices(n: int):
@@ -260,9 +291,9 @@ def plot_rouge_panels(per_arm: dict[str, list[float]], path: str, *, title: str,
     import matplotlib.pyplot as plt
 
     n = len(per_arm)
-    cols = min(n, 4)
+    cols = n if n <= 5 else -(-n // 2)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows + 0.5), dpi=100,
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows + 0.5), dpi=100,
                              sharex=True, sharey=True, squeeze=False)
     bins = np.linspace(0.0, 1.0, 21)
     for i, (name, values) in enumerate(per_arm.items()):
@@ -272,7 +303,9 @@ def plot_rouge_panels(per_arm: dict[str, list[float]], path: str, *, title: str,
         ax.set_xlim(0, 1)
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
-    for ax in axes[-1]:
+    for i in range(n):  # every panel gets its own x axis labels (a short last row leaves gaps)
+        ax = axes[i // cols][i % cols]
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel(xlabel, fontsize=8)
     for row in axes:
         row[0].set_ylabel("documents", fontsize=8)

@@ -163,8 +163,8 @@ def arm_config(base, arm: common.Arm, exp: MemorizationExperiment, docs_path: st
         base,
         data=dict(source="jsonl", path=docs_path, text_field="text", id_field="id", tokenizer=tokenizer.path,
                   validation_fraction=0.0, max_documents=None, canary_path=None, canary_repeats=0),
-        train=dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0, ckpt_every=0, keep_ckpts=1,
-                   tensorboard=False, warmup=min(t.warmup, steps - 1)),
+        train=dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0,
+                   warmup=min(t.warmup, steps - 1)),
     )
     config = dataclasses.replace(config, goldfish=arm.goldfish)
     validate(config)
@@ -314,9 +314,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
             "parameters": param_count(base.model), "vocab_size": tokenizer.vocab_size,
             "tokenizer": tokenizer.path}
     docs = {"members": [d.id for d in members], "control": [d.id for d in control], "heldout": [d.id for d in heldout]}
-    print(f"[memorization] {len(members)} documents of {exp.doc_tokens} tokens x {exp.epochs} epochs "
+    common.say(f"[memorization] {len(members)} documents of {exp.doc_tokens} tokens x {exp.epochs} epochs "
           f"({n_rows} rows/epoch, batch {base.train.global_batch}), arms: {', '.join(exp.arms)}; "
-          f"model {meta['parameters']:,} parameters; output {out}", flush=True)
+          f"model {meta['parameters']:,} parameters; output {out}")
 
     results: dict = {}
     for name, arm in make_arms(exp, special).items():
@@ -325,7 +325,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         trained_ids = [d.id for d in data.load_documents(config.data)]
         expected = docs["control" if name == "control" else "members"]
         assert trained_ids == expected, "the pipeline's documents differ from the selection"
-        print(f"[memorization] arm {name}: {arm_label(arm)}, {config.train.steps} steps", flush=True)
+        common.say(f"[memorization] arm {name}: {arm_label(arm)}, {config.train.steps} steps")
         model, mesh, summary = common.train_arm(config, devices=devices, init_from=args.init_from, fresh=args.fresh)
         result = evaluate_arm(model, mesh, tokenizer, config, arm, exp, members, member_tokens, heldout_tokens)
         result.update(label=arm_label(arm), trains_on=arm.trains_on, run_dir=config.train.run_dir,
@@ -333,13 +333,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
         results[name] = result
         del model
         agg = result["memorization"]["aggregate"]
-        print(f"[memorization] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, "
-              f"RougeL {agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}", flush=True)
-        table = write_outputs(out, results, exp, base, meta, docs)  # after every arm: partial results survive
-    print()
-    print(table)
-    print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
-          f"{os.path.join(out, 'rougeL_hist.png')}, report/")
+        common.say(f"[memorization] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, "
+              f"RougeL {agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}")
+        if common.is_main():  # after every arm: partial results survive an interruption
+            table = write_outputs(out, results, exp, base, meta, docs)
+    if common.is_main():
+        print()
+        print(table)
+        print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
+              f"{os.path.join(out, 'rougeL_hist.png')}, report/")
     return {"out": out, "arms": results, "meta": meta}
 
 
