@@ -71,6 +71,10 @@ class DataConfig:
         the non-members of a membership test.
       canary_repeats: copies of each injected canary inserted into the stream (0: no canaries).
       canary_seed: seed of the insertion places (independent of ``seed``).
+      row_context: each batch carries ``context_BxC`` (C = row_context): the targets that precede
+        a row's first column in its document, so the goldfish hash of a row that starts
+        mid-document sees its whole window instead of dropping its first h targets. Keep it
+        >= goldfish.h (0: no context).
     """
 
     source: str = "text"
@@ -98,6 +102,7 @@ class DataConfig:
     canary_count: int | None = None
     canary_repeats: int = 0
     canary_seed: int = 0
+    row_context: int = 32
 
     def __post_init__(self):
         _check_choice("data.source", self.source, SOURCES)
@@ -110,6 +115,8 @@ class DataConfig:
             raise ValueError(f"data.max_documents={self.max_documents} must be >= 1 or null.")
         if self.canary_repeats < 0:
             raise ValueError(f"data.canary_repeats={self.canary_repeats} must be >= 0.")
+        if self.row_context < 0:
+            raise ValueError(f"data.row_context={self.row_context} must be >= 0 (0: no row context).")
         if self.canary_repeats > 0 and not self.canary_path:
             raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
         if self.source == "tfds" and not self.tfds_name:
@@ -551,8 +558,13 @@ BATCH_KEYS = ("inputs_BxT", "targets_BxT", "positions_BxT", "segment_ids_BxT", "
 
 
 def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[tuple[int, int, int]]], seq_len: int,
-                  pad_id: int, with_doc_ids: bool = False) -> dict[str, np.ndarray]:
-    """Batch dict (B = len(rows)) from row pieces; an empty row is all padding (weight 0)."""
+                  pad_id: int, with_doc_ids: bool = False, context: int = 0) -> dict[str, np.ndarray]:
+    """Batch dict (B = len(rows)) from row pieces; an empty row is all padding (weight 0).
+
+    With ``context`` > 0 it also holds ``context_BxC``: the C targets of the row's first document
+    that precede column 0, oldest first, right-aligned (``pad_id`` where the document has fewer),
+    the goldfish mask's view of a row that starts mid-document.
+    """
     B, T = len(rows), seq_len
     tok = np.full((B, T + 1), pad_id, np.int32)
     pos = np.zeros((B, T + 1), np.int32)
@@ -578,6 +590,15 @@ def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[tuple[in
     }
     if with_doc_ids:
         batch["doc_ids_BxT"] = doc[:, :-1]
+    if context > 0:
+        ctx = np.full((B, context), pad_id, np.int32)
+        for b, pieces in enumerate(rows):
+            if pieces and pieces[0][1] > 0:  # the row starts at token lo > 0 of document d
+                d, lo, _ = pieces[0]
+                # Column 0's target is token lo + 1; the targets before it are tokens 1 .. lo.
+                before = tokens[d][max(1, lo - context + 1): lo + 1]
+                ctx[b, context - len(before):] = before
+        batch["context_BxC"] = ctx
     return {k: np.ascontiguousarray(v) for k, v in batch.items()}
 
 
@@ -638,7 +659,8 @@ class BatchIterator:
 
     def __init__(self, tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: int, seed: int = 0,
                  process_index: int | None = None, process_count: int | None = None, mode: str = "packed",
-                 pad_id: int = 0, shuffle: bool = True, prefetch: int = 2, with_doc_ids: bool = False):
+                 pad_id: int = 0, shuffle: bool = True, prefetch: int = 2, with_doc_ids: bool = False,
+                 context: int = 0):
         _check_choice("mode", mode, MODES)
         self.process_index, self.process_count = _default_process(process_index, process_count)
         if global_batch % self.process_count:
@@ -653,7 +675,7 @@ class BatchIterator:
                              "use more (or longer) documents or fewer processes.")
         self.global_batch, self.local_batch, self.seq_len = global_batch, global_batch // self.process_count, seq_len
         self.seed, self.mode, self.pad_id, self.shuffle = int(seed), mode, int(pad_id), bool(shuffle)
-        self.with_doc_ids, self.prefetch = with_doc_ids, int(prefetch)
+        self.with_doc_ids, self.prefetch, self.context = with_doc_ids, int(prefetch), int(context)
         self.rows_per_epoch = self._layout(0).num_rows
         self._epoch_cache: dict[int, tuple[_Layout, np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -698,7 +720,7 @@ class BatchIterator:
         for g in range(step * self.local_batch, (step + 1) * self.local_batch):
             layout, perm = self._epoch(g // self.rows_per_epoch)
             rows.append(layout.row(int(perm[g % self.rows_per_epoch])))
-        return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids)
+        return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids, self.context)
 
     # -- iteration, prefetch and state --------------------------------------------------------
     def __iter__(self) -> "BatchIterator":
@@ -841,7 +863,7 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
     tokens = tokenize_documents(docs, tokenizer, config.add_bos, config.add_eos)
     it = BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed, process_index=pi,
                        process_count=pc, mode=config.mode, pad_id=tokenizer.pad_id, shuffle=config.shuffle,
-                       prefetch=prefetch, with_doc_ids=with_doc_ids)
+                       prefetch=prefetch, with_doc_ids=with_doc_ids, context=config.row_context)
     it.documents = docs
     it.canary_record = stream.canary_record
     return it

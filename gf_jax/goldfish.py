@@ -140,28 +140,45 @@ def _columns_like(targets_BxT):
 _default_positions = _columns_like  # without positions, every row starts a document
 
 
-def context_hash(targets_BxT, positions_BxT, h: int, seed: int):
+def _context_at_offset(context_BxC, j: int, T: int):
+    """out[:, t] = context[:, C - j + t] for the first j columns (0 elsewhere or before context)."""
+    C = context_BxC.shape[-1]
+    head_BxL = context_BxC[..., max(0, C - j):]  # the last min(j, C) context targets
+    config = [(0, 0, 0)] * (context_BxC.ndim - 1) + [(max(0, j - C), T - j, 0)]
+    return jax.lax.pad(head_BxL, _U32(0), config)
+
+
+def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None):
     """Salted 32-bit hash of the up-to-h targets preceding each target in its own document.
 
     Returns (hash_BxT uint32, complete_BxT bool). The window of the target at document position p
     is its min(p, h) predecessors, nearest first, and the hash also mixes in that length, so a
     document's first targets are hashed consistently wherever the document sits. ``complete`` is
-    False where the window reaches before column 0 (a row that starts mid-document).
+    False where the window reaches before column 0 and ``context_BxC`` (the C targets before
+    column 0, see ``goldfish_mask``) does not cover it.
     """
+    T = targets_BxT.shape[-1]
     tokens_BxT = targets_BxT.astype(jnp.int32).astype(_U32)
     window_BxT = jnp.minimum(positions_BxT.astype(jnp.int32), h)
-    complete_BxT = window_BxT <= _columns_like(targets_BxT)
+    columns_BxT = _columns_like(targets_BxT)
+    if context_BxC is not None:
+        context_BxC = jnp.asarray(context_BxC).astype(jnp.int32).astype(_U32)
+        columns_BxT = columns_BxT + context_BxC.shape[-1]
+    complete_BxT = window_BxT <= columns_BxT
 
     acc_BxT = jnp.zeros_like(tokens_BxT) + _fmix32(_U32(seed) ^ _U32(0x9E3779B9))
     for j in range(1, h + 1):  # loop over the h window offsets (static), vectorised over B and T
         word_BxT = _shift_right(tokens_BxT, j, _U32(0))
+        if context_BxC is not None:  # the first j columns take their word from the context
+            in_context_BxT = columns_BxT - context_BxC.shape[-1] < j
+            word_BxT = jnp.where(in_context_BxT, _context_at_offset(context_BxC, j, T), word_BxT)
         acc_BxT = jnp.where(j <= window_BxT, _murmur_round(acc_BxT, word_BxT), acc_BxT)
     hash_BxT = _fmix32(acc_BxT ^ window_BxT.astype(_U32))
     return hash_BxT, complete_BxT
 
 
-def _hash_drop(targets_BxT, positions_BxT, config: GoldfishConfig):
-    hash_BxT, complete_BxT = context_hash(targets_BxT, positions_BxT, config.h, config.seed)
+def _hash_drop(targets_BxT, positions_BxT, config: GoldfishConfig, context_BxC=None):
+    hash_BxT, complete_BxT = context_hash(targets_BxT, positions_BxT, config.h, config.seed, context_BxC)
     # The lowest floor(2**32 / k) hash values form the drop bucket: rate 1/k to within 2**-32.
     threshold = _U32((2**32) // config.k)
     return (hash_BxT < threshold) | ~complete_BxT
@@ -248,7 +265,7 @@ def _hash_table_drop(targets_BxT, config: GoldfishConfig, table):
 # ---------------------------------------------------------------------------------------------
 
 
-def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, rng=None, table=None):
+def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, context_BxC=None, rng=None, table=None):
     """Which targets goldfish loss drops: bool ``drop_BxT`` (True = left out of the loss).
 
     Args:
@@ -256,6 +273,10 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, rn
       config: a GoldfishConfig.
       positions_BxT: index of each target among its document's targets (0 = the document's first
         target). Without it, every row starts a document. Used by ``hash`` and ``static``.
+      context_BxC: optional, for ``hash``: the C targets that precede column 0 in the same document,
+        oldest first (``context[:, -1]`` is the target just before column 0; entries before the
+        document's start are ignored). With C >= h a row that starts mid-document gets exactly
+        the full-document mask instead of dropping its first h targets. Needs ``positions_BxT``.
       rng: a jax PRNG key, required by ``random``.
       table: float array of >= 1,000,003 entries for ``hash-table`` (default: ``default_table()``).
     """
@@ -272,11 +293,17 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, rn
             raise ValueError(
                 f"positions shape {positions_BxT.shape} must equal targets shape {targets_BxT.shape}."
             )
+    if context_BxC is not None:
+        context_BxC = jnp.asarray(context_BxC)
+        if context_BxC.shape[:-1] != targets_BxT.shape[:-1]:
+            raise ValueError(
+                f"context shape {context_BxC.shape} must be targets' batch shape {targets_BxT.shape[:-1]} + (C,)."
+            )
 
     if config.strategy == "none":
         return jnp.zeros_like(targets_BxT, bool)
     if config.strategy == "hash":
-        drop_BxT = _hash_drop(targets_BxT, positions_BxT, config)
+        drop_BxT = _hash_drop(targets_BxT, positions_BxT, config, context_BxC)
     elif config.strategy == "hash-table":
         drop_BxT = _hash_table_drop(targets_BxT, config, table)
     elif config.strategy == "static":
@@ -368,6 +395,7 @@ def loss_fn(
     *,
     weights_BxT=None,
     positions_BxT=None,
+    context_BxC=None,
     z_loss: float = 0.0,
     rng=None,
     table=None,
@@ -380,6 +408,7 @@ def loss_fn(
       config: GoldfishConfig (``GoldfishConfig(strategy="none")`` is the standard loss).
       weights_BxT: optional, 0 marks padding; invalid targets are neither kept nor dropped.
       positions_BxT: index of each target within its document (see ``goldfish_mask``).
+      context_BxC: targets preceding each row in its document (see ``goldfish_mask``).
       z_loss: coefficient of the auxiliary ``logsumexp(logits)**2`` term over kept targets.
       rng, table: passed to ``goldfish_mask`` (``random`` and ``hash-table`` strategies).
 
@@ -388,7 +417,9 @@ def loss_fn(
       one mean over the whole batch, never per sequence. ``aux`` is described in ``reduce_loss``.
     """
     targets_BxT = jnp.asarray(targets_BxT)
-    drop_BxT = goldfish_mask(targets_BxT, config, positions_BxT=positions_BxT, rng=rng, table=table)
+    drop_BxT = goldfish_mask(
+        targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
+    )
     xent_BxT, logz_BxT = token_cross_entropy(logits_BxTxV, targets_BxT)
     return reduce_loss(xent_BxT, logz_BxT, drop_BxT, _valid_mask(targets_BxT, weights_BxT), z_loss)
 
@@ -401,6 +432,7 @@ def chunked_loss_fn(
     *,
     weights_BxT=None,
     positions_BxT=None,
+    context_BxC=None,
     z_loss: float = 0.0,
     rng=None,
     table=None,
@@ -417,7 +449,9 @@ def chunked_loss_fn(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     targets_BxT = jnp.asarray(targets_BxT)
     B, T, D = h_BxTxD.shape
-    drop_BxT = goldfish_mask(targets_BxT, config, positions_BxT=positions_BxT, rng=rng, table=table)
+    drop_BxT = goldfish_mask(
+        targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
+    )
     valid_BxT = _valid_mask(targets_BxT, weights_BxT)
 
     C = min(chunk_size, T)

@@ -133,6 +133,7 @@ def batch_loss_sums(model, batch: dict, config: RunConfig, rng) -> dict:
     kwargs = dict(
         weights_BxT=batch["weights_BxT"],
         positions_BxT=batch["positions_BxT"],
+        context_BxC=batch.get("context_BxC"),  # a mid-document row's preceding targets
         z_loss=t.z_loss,
         rng=rng,
     )
@@ -506,7 +507,8 @@ class Trainer:
             print(line, flush=True)
 
     def global_batch(self, local_batch: dict) -> dict:
-        return self._data_lib.to_global_batch({k: local_batch[k] for k in BATCH_KEYS}, self.batch_sharding)
+        keys = [k for k in (*BATCH_KEYS, "context_BxC") if k in local_batch]
+        return self._data_lib.to_global_batch({k: local_batch[k] for k in keys}, self.batch_sharding)
 
     def evaluate(self) -> dict:
         """Held-out loss: one in-order pass over the validation documents (at most

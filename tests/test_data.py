@@ -437,3 +437,43 @@ def test_iterator_setting_errors(small_config, tok):
         data.make_train_iterator(tiny, tok, global_batch=4, seq_len=8, process_index=0, process_count=4)
     with pytest.raises(ValueError, match="validation_fraction > 0"):
         data.make_train_iterator(small_config, tok, global_batch=4, seq_len=8, split="validation")
+
+
+def test_row_context_holds_the_targets_before_each_row():
+    docs = [np.arange(100, 120, dtype=np.int32), np.arange(200, 215, dtype=np.int32)]
+    rows = [[(0, 5, 12), (1, 0, 3)], [(1, 0, 9)], [(0, 2, 10)]]
+    batch = data.assemble_rows(docs, rows, seq_len=10, pad_id=-7, context=4)
+    ctx = batch["context_BxC"]
+    # Row 0 starts at token 5 of doc 0: column 0's target is token 6; the targets before it are
+    # tokens 1..5, of which the last 4 fit.
+    assert ctx[0].tolist() == [102, 103, 104, 105]
+    assert ctx[1].tolist() == [-7, -7, -7, -7]  # starts a document: no context
+    assert ctx[2].tolist() == [-7, -7, 101, 102]  # only tokens 1..2 precede
+    assert "context_BxC" not in data.assemble_rows(docs, rows, seq_len=10, pad_id=0)
+
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_packed_rows_with_context_get_the_full_document_goldfish_mask(mode):
+    # The end-to-end property: with row context >= h, every target's fate in any row equals the
+    # mask of its whole document, so the drop rate stays 1/k however rows cut documents.
+    import jax
+
+    from gf_jax import GoldfishConfig, goldfish_mask
+
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(4, 5000, size=int(n), dtype=np.int32) for n in rng.integers(20, 300, size=40)]
+    cfg = GoldfishConfig(k=4, h=13)
+    full = {i: np.asarray(goldfish_mask(d[None, 1:], cfg))[0] for i, d in enumerate(docs)}
+    it = data.BatchIterator(docs, global_batch=8, seq_len=64, seed=1, mode=mode, pad_id=0, prefetch=0,
+                            with_doc_ids=True, context=16)
+    mask = jax.jit(lambda t, p, c: goldfish_mask(t, cfg, positions_BxT=p, context_BxC=c))
+    n_checked = n_mid = 0
+    for step in range(it.rows_per_epoch // 8):
+        b = it.batch(step)
+        drop = np.asarray(mask(b["targets_BxT"], b["positions_BxT"], b["context_BxC"]))
+        valid = b["weights_BxT"] > 0
+        for r, c in zip(*np.nonzero(valid)):
+            assert drop[r, c] == full[b["doc_ids_BxT"][r, c]][b["positions_BxT"][r, c]]
+            n_checked += 1
+        n_mid += int((b["positions_BxT"][:, 0] > 0).sum())
+    assert n_checked > 3000 and n_mid > 10

@@ -192,6 +192,34 @@ def test_mid_document_chunks_never_keep_a_token_the_full_context_drops():
                 assert drop[:settled].all()
 
 
+def test_row_context_recovers_the_full_document_mask():
+    # With the C >= h targets before a mid-document row as context, the row's mask is exactly the
+    # full-document mask (no extra drops); with C < h, the first h - C columns stay dropped.
+    rng = np.random.default_rng(19)
+    cfg = GoldfishConfig(k=4, h=13)
+    doc = rng.integers(0, 32000, size=600, dtype=np.int32)
+    full = np.asarray(goldfish_mask(doc[None], cfg))[0]
+    for C in (13, 32, 5):
+        for start in (0, 3, 13, 200):
+            chunk = doc[None, start : start + 128]
+            pos = np.arange(start, start + 128, dtype=np.int32)[None]
+            context = np.full((1, C), 7, np.int32)  # entries before the document are ignored
+            n = min(C, start)
+            if n:
+                context[0, C - n :] = doc[start - n : start]
+            drop = np.asarray(jax.jit(lambda t, p, c: goldfish_mask(t, cfg, positions_BxT=p, context_BxC=c))(chunk, pos, context))[0]
+            ref = full[start : start + 128]
+            assert not np.any(~drop & ref), (C, start)
+            settled = 0 if (C >= 13 or start <= C) else 13 - C
+            assert np.array_equal(drop[settled:], ref[settled:]), (C, start)
+            assert drop[:settled].all()
+    # loss_fn passes it through.
+    logits = jnp.zeros((1, 128, 32000))
+    pos = np.arange(200, 328, dtype=np.int32)[None]
+    _, aux = loss_fn(logits, doc[None, 200:328], cfg, positions_BxT=pos, context_BxC=doc[None, 200 - 16 : 200])
+    assert int(aux["n_dropped"]) == full[200:328].sum()
+
+
 def test_reference_hash_table_leaks_chunk_starts():
     # Documented flaw: the reference keeps the first h-1 columns of every row, so a passage cut
     # at different offsets gets those tokens supervised even where the full context drops them.

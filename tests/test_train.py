@@ -122,17 +122,17 @@ def test_logged_goldfish_metrics_match_the_batches(reference_run, tokenizer_path
     for record in train:
         batch = next(it)
         drop = np.asarray(goldfish.goldfish_mask(batch["targets_BxT"], config.goldfish,
-                                                 positions_BxT=batch["positions_BxT"]))
+                                                 positions_BxT=batch["positions_BxT"],
+                                                 context_BxC=batch["context_BxC"]))
         valid = batch["weights_BxT"] > 0
         n_dropped, n_valid = int((drop & valid).sum()), int(valid.sum())
         supervised += n_valid - n_dropped
         assert record["drop_fraction"] == pytest.approx(n_dropped / n_valid, abs=1e-6)
         assert record["supervised_tokens"] == supervised
-        # Targets whose h-token context lies inside the row are hashed; the others (the first
-        # columns of a row that starts mid-document) are always dropped.
-        full = valid & (np.minimum(batch["positions_BxT"], config.goldfish.h) <= np.arange(32))
-        dropped_full, valid_full = dropped_full + int((drop & full).sum()), valid_full + int(full.sum())
-    # ~1/k of the hashed targets are left out (k = 4).
+        dropped_full, valid_full = dropped_full + n_dropped, valid_full + n_valid
+    # The batches carry row context (data.row_context >= h), so every target is hashed with its
+    # whole window, also in rows that start mid-document: ~1/k are left out (k = 4).
+    assert config.data.row_context >= config.goldfish.h
     assert abs(dropped_full / valid_full - 0.25) < 0.03, dropped_full / valid_full
 
 
@@ -241,7 +241,8 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer_path, tmp_path):
 
     # The micro-batches really are unequal, so the test would catch per-micro-batch averaging.
     drop = np.asarray(goldfish.goldfish_mask(batches[0]["targets_BxT"], base.goldfish,
-                                             positions_BxT=batches[0]["positions_BxT"]))
+                                             positions_BxT=batches[0]["positions_BxT"],
+                                             context_BxC=batches[0].get("context_BxC")))
     kept = (batches[0]["weights_BxT"] > 0) & ~drop
     assert kept[0::2].sum() * 3 < kept[1::2].sum()
 
