@@ -97,13 +97,16 @@ def truncate_to_tokens(text: str, tokenizer, n_tokens: int) -> str | None:
     ids = tokenizer.encode([text])[0]
     if len(ids) < n_tokens:
         return None
-    for cut in range(n_tokens, max(0, n_tokens - 8), -1):
-        # Re-encoding a cut text can merge pieces differently at its end: check the count.
-        prefix = tokenizer.decode([ids[:cut]])[0]
-        if len(tokenizer.encode([prefix])[0]) == n_tokens:
-            return prefix
-    prefix = tokenizer.decode([ids[:n_tokens]])[0]
-    return prefix if len(tokenizer.encode([prefix])[0]) <= n_tokens else None
+    # Re-encoding a cut text can segment its end differently (one token more or less): try the
+    # cuts nearest n_tokens until one re-encodes to exactly n_tokens.
+    for delta in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6, 7, -7, 8, -8):
+        cut = n_tokens + delta
+        if 0 < cut <= len(ids):
+            prefix = tokenizer.decode([ids[:cut]])[0]
+            if len(tokenizer.encode([prefix])[0]) == n_tokens:
+                return prefix
+    raise ValueError(f"no cut of a {len(ids)}-token document re-encodes to exactly {n_tokens} tokens; "
+                     "choose another experiment.doc_tokens / canary_tokens.")
 
 
 def corpus_tokenizer(data_config, texts: Sequence[str]):

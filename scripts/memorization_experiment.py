@@ -64,6 +64,7 @@ class MemorizationExperiment:
       epochs: passes over the documents; ``train.steps`` is derived from it.
       arms: which of standard, goldfish-hash, goldfish-static, random-drop, control to run.
       k, h: goldfish drop rate 1/k and hash context width.
+      hash_strategy: the goldfish-hash arm's strategy, ``hash`` or the reference's ``hash-table``.
       eval_batch: prompts decoded (and documents scored) per batch.
     """
 
@@ -76,9 +77,13 @@ class MemorizationExperiment:
     arms: tuple[str, ...] = ARM_NAMES
     k: int = 4
     h: int = 13
+    hash_strategy: str = "hash"
     eval_batch: int = 16
 
     def __post_init__(self):
+        if self.hash_strategy not in ("hash", "hash-table"):
+            raise ValueError(f"experiment.hash_strategy={self.hash_strategy!r}; use hash (gf_jax's) or hash-table "
+                             "(the reference implementation's product hash).")
         for name in ("docs", "doc_tokens", "heldout_docs", "suffix_len", "epochs", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"experiment.{name} must be >= 1, got {getattr(self, name)}.")
@@ -97,7 +102,8 @@ def make_arms(exp: MemorizationExperiment, special_ids: tuple[int, ...]) -> dict
     gl = dict(k=exp.k, h=exp.h, never_drop_ids=special_ids)
     arms = {
         "standard": common.Arm("standard", GoldfishConfig(strategy="none"), "the N documents"),
-        "goldfish-hash": common.Arm("goldfish-hash", GoldfishConfig(strategy="hash", **gl), "the N documents"),
+        "goldfish-hash": common.Arm("goldfish-hash", GoldfishConfig(strategy=exp.hash_strategy, **gl),
+                                    "the N documents"),
         "goldfish-static": common.Arm("goldfish-static", GoldfishConfig(strategy="static", **gl), "the N documents"),
         "random-drop": common.Arm("random-drop", GoldfishConfig(strategy="random", **gl), "the N documents"),
         "control": common.Arm("control", GoldfishConfig(strategy="none"), "N other documents"),
@@ -107,8 +113,8 @@ def make_arms(exp: MemorizationExperiment, special_ids: tuple[int, ...]) -> dict
 
 def arm_label(arm: common.Arm) -> str:
     g = arm.goldfish
-    if g.strategy == "hash":
-        return f"goldfish k={g.k} hash h={g.h}"
+    if g.strategy in ("hash", "hash-table"):
+        return f"goldfish k={g.k} {g.strategy} h={g.h}"
     if g.strategy == "static":
         return f"goldfish k={g.k} static"
     if g.strategy == "random":
