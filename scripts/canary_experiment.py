@@ -158,14 +158,8 @@ def prepare(base, exp: CanaryExperiment, out: str):
     # The pipeline reads canaries with the background's JSONL keys; a text background ignores
     # data.id_field, so the canaries can keep their corpus ids there.
     id_field = base.data.id_field or ("id" if base.data.source == "text" else None)
-    id_key = id_field or "id"
-    path = os.path.join(out, "corpus", "canaries.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    import json
-
-    with open(path, "w", encoding="utf-8") as f:
-        for d in chosen:
-            f.write(json.dumps({id_key: d.id, base.data.text_field: d.text}, ensure_ascii=False) + "\n")
+    path = common.write_jsonl(chosen, os.path.join(out, "corpus", "canaries.jsonl"), id_key=id_field or "id",
+                              text_key=base.data.text_field)
     data_config = dataclasses.replace(
         base.data, tokenizer=tokenizer.path, canary_path=path, canary_count=exp.canaries,
         canary_repeats=exp.repeats, id_field=id_field,

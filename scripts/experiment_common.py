@@ -79,13 +79,14 @@ def replace(config, **sections):
 # Documents.
 
 
-def write_jsonl(docs, path: str) -> str:
-    """Writes ``gf_jax.data.Document``s as JSONL (``id``, ``text``), read back with id_field=id."""
+def write_jsonl(docs, path: str, *, id_key: str = "id", text_key: str = "text") -> str:
+    """Writes ``gf_jax.data.Document``s as JSONL, atomically (every host of a pod may write the
+    same file); read back with ``data.id_field=id_key``, ``data.text_field=text_key``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({id_key: d.id, text_key: d.text}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
 
