@@ -148,7 +148,8 @@ def select_documents(base, exp: MemorizationExperiment):
             f"the corpus {base.data.path or base.data.tfds_name!r} has only {len(chosen)} documents of at least "
             f"{exp.doc_tokens} tokens but the experiment needs {need} ({exp.docs} trained, "
             f"{exp.docs if 'control' in exp.arms else 0} control, {exp.heldout_docs} held out); lower --docs, "
-            "experiment.heldout_docs or experiment.doc_tokens, or use a larger corpus."
+            "experiment.heldout_docs or experiment.doc_tokens, or use a larger corpus"
+            + (f" or a larger data.max_documents (now {base.data.max_documents})." if base.data.max_documents else ".")
         )
     members = chosen[:exp.docs]
     if "control" in exp.arms:
