@@ -333,17 +333,23 @@ def config_from_dict(values: dict, overrides: Sequence[str] = ()):
 
 def load_config(path: str | None, overrides: Sequence[str] = ()):
     """A validated RunConfig from a YAML file (None: all defaults) and dotted overrides."""
-    import yaml
-
     values: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist; pass e.g. --config configs/tiny.yaml.")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections (model, data, train, ...).")
+        values = read_yaml_mapping(path, "config file", "pass e.g. --config configs/tiny.yaml")
     return config_from_dict(values, overrides)
+
+
+def read_yaml_mapping(path: str, what: str, hint: str) -> dict:
+    """The mapping of sections in a YAML file; a missing file or a non-mapping is one sentence."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist; {hint}.")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path} must hold a mapping of sections (model, data, train, ...).")
+    return values
 
 
 def dump_config(config) -> str:

@@ -47,17 +47,9 @@ def load_experiment(path: str, overrides: Sequence[str], experiment_cls):
     Overrides starting with ``experiment.`` go to the experiment section, the others to the run
     config; both are checked key by key (unknown keys fail with the valid ones listed).
     """
-    import yaml
+    from gf_jax.config import apply_overrides, config_from_dict, from_dict, read_yaml_mapping
 
-    from gf_jax.config import apply_overrides, config_from_dict, from_dict
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"experiment config {path} does not exist; pass --preset NAME or an existing --config.")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"experiment config {path} must hold a mapping of sections (experiment, model, train, ...).")
-    values = dict(values)
+    values = read_yaml_mapping(path, "experiment config", "pass --preset NAME or an existing --config")
     # The section inside a one-field dataclass, so that error messages name ``experiment.<key>``.
     holder = dataclasses.make_dataclass(
         "ExperimentFile", [("experiment", experiment_cls, dataclasses.field(default_factory=experiment_cls))])
@@ -345,6 +337,23 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def print_summary(table: str, out: str) -> None:
+    """The last thing an experiment prints: its table and where the outputs went."""
+    print()
+    print(table)
+    print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
+          f"{os.path.join(out, 'rougeL_hist.png')}, report/")
+
+
+def cli_main(run, argv: Sequence[str] | None = None) -> None:
+    """Runs an experiment; a user error (bad preset, key, path) is one line and exit status 2."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def write_json(obj, path: str) -> str:

@@ -345,19 +345,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
         if common.is_main():  # after every arm: partial results survive an interruption
             table = write_outputs(out, results, exp, base, meta, docs)
     if common.is_main():
-        print()
-        print(table)
-        print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
-              f"{os.path.join(out, 'rougeL_hist.png')}, report/")
+        common.print_summary(table, out)
     return {"out": out, "arms": results, "meta": meta}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli_main(run, argv)
 
 
 if __name__ == "__main__":
