@@ -325,19 +325,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
           f"model {meta['parameters']:,} parameters; output {out}")
 
     results: dict = {}
-    special = tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i >= 0)
-    for name, arm in make_arms(exp, special).items():
+    for name, arm in make_arms(exp, common.special_ids(tokenizer)).items():
         config = arm_config(base, arm, data_config, steps, os.path.join(out, "arms", name))
         common.say(f"[canary] arm {name}: {arm_label(arm)}")
         model, mesh, summary = common.train_arm(config, devices=devices, init_from=args.init_from, fresh=args.fresh)
         result = evaluate_arm(model, mesh, tokenizer, config, exp, injected, canary_tokens, heldout_tokens, val_tokens)
-        result.update(label=arm_label(arm), trains_on=arm.trains_on, run_dir=config.train.run_dir,
-                      goldfish=dataclasses.asdict(arm.goldfish), train=summary)
-        results[name] = result
+        results[name] = common.record_arm("canary", name, arm, arm_label(arm), config, summary, result)
         del model
-        agg = result["memorization"]["aggregate"]
-        common.say(f"[canary] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, RougeL "
-              f"{agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}")
         if common.is_main():  # after every arm: partial results survive an interruption
             table = write_outputs(out, results, exp, base, meta)
     if common.is_main():

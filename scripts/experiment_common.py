@@ -339,6 +339,21 @@ def _plain(value):
     return value
 
 
+def special_ids(tokenizer) -> tuple[int, ...]:
+    """BOS/EOS/PAD ids the tokenizer has: the goldfish arms never drop them."""
+    return tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i >= 0)
+
+
+def record_arm(tag: str, name: str, arm, label: str, config, summary: dict, result: dict) -> dict:
+    """Annotates an arm's evaluation with how it was trained and logs its memorization line."""
+    result.update(label=label, trains_on=arm.trains_on, run_dir=config.train.run_dir,
+                  goldfish=dataclasses.asdict(arm.goldfish), train=summary)
+    agg = result["memorization"]["aggregate"]
+    say(f"[{tag}] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, "
+        f"RougeL {agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}")
+    return result
+
+
 def print_summary(table: str, out: str) -> None:
     """The last thing an experiment prints: its table and where the outputs went."""
     print()

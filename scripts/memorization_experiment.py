@@ -311,7 +311,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     tokenizer, members, control, heldout = select_documents(base, exp)
     data.check_vocab_fits(tokenizer, base.model.vocab_size)
-    special = tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i >= 0)
     paths = {name: common.write_jsonl(docs, os.path.join(out, "corpus", f"{name}.jsonl"))
              for name, docs in (("members", members), ("control", control), ("heldout", heldout)) if docs}
     member_tokens = common.document_tokens(members, tokenizer, base.data)
@@ -326,7 +325,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
           f"model {meta['parameters']:,} parameters; output {out}")
 
     results: dict = {}
-    for name, arm in make_arms(exp, special).items():
+    for name, arm in make_arms(exp, common.special_ids(tokenizer)).items():
         docs_path = paths["control" if name == "control" else "members"]
         config = arm_config(base, arm, exp, docs_path, tokenizer, os.path.join(out, "arms", name), n_rows)
         trained_ids = [d.id for d in data.load_documents(config.data)]
@@ -335,13 +334,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         common.say(f"[memorization] arm {name}: {arm_label(arm)}, {config.train.steps} steps")
         model, mesh, summary = common.train_arm(config, devices=devices, init_from=args.init_from, fresh=args.fresh)
         result = evaluate_arm(model, mesh, tokenizer, config, arm, exp, members, member_tokens, heldout_tokens)
-        result.update(label=arm_label(arm), trains_on=arm.trains_on, run_dir=config.train.run_dir,
-                      goldfish=dataclasses.asdict(arm.goldfish), train=summary)
-        results[name] = result
+        results[name] = common.record_arm("memorization", name, arm, arm_label(arm), config, summary, result)
         del model
-        agg = result["memorization"]["aggregate"]
-        common.say(f"[memorization] arm {name}: memorized {agg['n_memorized']}/{agg['n_documents']}, "
-              f"RougeL {agg['rougeL_mean']:.3f}, exact match {agg['exact_match_mean']:.3f}")
         if common.is_main():  # after every arm: partial results survive an interruption
             table = write_outputs(out, results, exp, base, meta, docs)
     if common.is_main():
