@@ -86,10 +86,6 @@ class GoldfishConfig:
             raise ValueError(f"goldfish never_drop_ids must be a list of integer token ids, got {ids!r}.")
         object.__setattr__(self, "never_drop_ids", tuple(sorted(set(int(i) for i in ids))))
 
-    @property
-    def drops_anything(self) -> bool:
-        return self.strategy != "none"
-
 
 # ---------------------------------------------------------------------------------------------
 # 32-bit hashing in uint32 jnp ops (murmur3 structure).
