@@ -7,7 +7,8 @@ step::
     from gf_jax import GoldfishConfig, loss_fn
     loss, aux = loss_fn(logits_BxTxV, targets_BxT, GoldfishConfig(k=4, h=13))
 
-Array names carry their shapes: B batch, T targets per row, V vocabulary, D model width.
+Array names carry their shapes (legend: docs/conventions.md): B batch rows, T targets per row,
+V vocabulary, D model width, C row-context width, M loss chunks, E targets per chunk.
 
 Strategies (``GoldfishConfig.strategy``):
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,9 +140,9 @@ _default_positions = _columns_like  # without positions, every row starts a docu
 def _context_at_offset(context_BxC, j: int, T: int):
     """out[:, t] = context[:, C - j + t] for the first j columns (0 elsewhere or before context)."""
     C = context_BxC.shape[-1]
-    head_BxL = context_BxC[..., max(0, C - j):]  # the last min(j, C) context targets
+    head_BxC = context_BxC[..., max(0, C - j):]  # the last min(j, C) context targets
     config = [(0, 0, 0)] * (context_BxC.ndim - 1) + [(max(0, j - C), T - j, 0)]
-    return jax.lax.pad(head_BxL, _U32(0), config)
+    return jax.lax.pad(head_BxC, _U32(0), config)
 
 
 def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None):
@@ -332,31 +333,90 @@ def token_cross_entropy(logits_BxTxV, targets_BxT):
     return logz_BxT - target_logit_BxT, logz_BxT
 
 
-def reduce_loss(xent_BxT, logz_BxT, drop_BxT, valid_BxT, z_loss: float = 0.0):
-    """One global mean over kept, valid targets, plus the sums training accumulates.
+class LossSums(NamedTuple):
+    """Sums of one batch's goldfish loss that add over micro-batches, steps and hosts.
 
-    Returns (loss, aux). ``aux`` holds sums (``xent_sum``, ``xent_all_sum``, ``xent_dropped_sum``,
-    ``z_sum``, ``n_kept``, ``n_dropped``, ``n_valid``) that add over micro-batches, and the ratios
-    ``loss_all``, ``loss_dropped``, ``drop_fraction`` computed from them (see ``summarize``).
+    The one place where the loss formula and the reported ratios are written: a loss computed from
+    sums added over micro-batches divides once, so micro-batches that keep different numbers of
+    targets are weighted correctly. A pytree (scans, psums and ``jax.device_get`` take it whole).
+    """
+
+    xent_sum: Any           # float32: cross-entropy over kept targets (carries the gradient)
+    z_sum: Any              # float32: logsumexp(logits)**2 over kept targets (carries the gradient)
+    xent_all_sum: Any       # float32: cross-entropy over all valid targets (no gradient)
+    xent_dropped_sum: Any   # float32: cross-entropy over dropped targets (no gradient)
+    n_kept: Any             # int32: kept targets
+    n_dropped: Any          # int32: dropped targets
+    n_valid: Any            # int32: valid targets (kept + dropped)
+
+    @classmethod
+    def zeros(cls) -> "LossSums":
+        f32, i32 = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+        return cls(f32, f32, f32, f32, i32, i32, i32)
+
+    def add(self, other: "LossSums") -> "LossSums":
+        return jax.tree.map(lambda a, b: a + b, self, other)
+
+    def objective(self, z_loss: float = 0.0):
+        """What training differentiates: the loss before its division by the kept count."""
+        return self.xent_sum + z_loss * self.z_sum
+
+    def loss(self, z_loss: float = 0.0):
+        """The goldfish loss: one mean over every kept target of the batch, never per sequence."""
+        return self.objective(z_loss) / _at_least_one(self.n_kept)
+
+    def ratios(self) -> dict[str, Any]:
+        """``loss_kept``, ``loss_all``, ``loss_dropped`` and ``drop_fraction`` (no gradient)."""
+
+        def ratio(num, den):
+            return jax.lax.stop_gradient(num) / _at_least_one(den)
+
+        return {
+            "loss_kept": ratio(self.xent_sum, self.n_kept),
+            "loss_all": ratio(self.xent_all_sum, self.n_valid),
+            "loss_dropped": ratio(self.xent_dropped_sum, self.n_dropped),
+            "drop_fraction": ratio(jnp.asarray(self.n_dropped, jnp.float32), self.n_valid),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The sums and the ratios in one flat dict (``loss_fn``'s ``aux``)."""
+        return {**self._asdict(), **self.ratios()}
+
+
+def _at_least_one(count):
+    return jnp.maximum(1, count).astype(jnp.float32)
+
+
+def loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT) -> LossSums:
+    """The LossSums of per-target cross-entropy and log-partition under a drop and a valid mask.
+
     Gradients are exactly zero at dropped and invalid targets.
     """
     drop_BxT = drop_BxT & valid_BxT
     kept_BxT = valid_BxT & ~drop_BxT
     zero = jnp.zeros((), jnp.float32)
-    xent_sum = jnp.sum(jnp.where(kept_BxT, xent_BxT, zero))
-    z_sum = jnp.sum(jnp.where(kept_BxT, jnp.square(logz_BxT), zero))
     xent_stopped_BxT = jax.lax.stop_gradient(xent_BxT)
-    sums = {
-        "xent_sum": xent_sum,
-        "z_sum": z_sum,
-        "xent_all_sum": jnp.sum(jnp.where(valid_BxT, xent_stopped_BxT, zero)),
-        "xent_dropped_sum": jnp.sum(jnp.where(drop_BxT, xent_stopped_BxT, zero)),
-        "n_kept": jnp.sum(kept_BxT, dtype=jnp.int32),
-        "n_dropped": jnp.sum(drop_BxT, dtype=jnp.int32),
-        "n_valid": jnp.sum(valid_BxT, dtype=jnp.int32),
-    }
-    loss = (xent_sum + z_loss * z_sum) / jnp.maximum(1, sums["n_kept"]).astype(jnp.float32)
-    return loss, summarize(sums)
+    return LossSums(
+        xent_sum=jnp.sum(jnp.where(kept_BxT, xent_BxT, zero)),
+        z_sum=jnp.sum(jnp.where(kept_BxT, jnp.square(logz_BxT), zero)),
+        xent_all_sum=jnp.sum(jnp.where(valid_BxT, xent_stopped_BxT, zero)),
+        xent_dropped_sum=jnp.sum(jnp.where(drop_BxT, xent_stopped_BxT, zero)),
+        n_kept=jnp.sum(kept_BxT, dtype=jnp.int32),
+        n_dropped=jnp.sum(drop_BxT, dtype=jnp.int32),
+        n_valid=jnp.sum(valid_BxT, dtype=jnp.int32),
+    )
+
+
+def reduce_loss(xent_BxT, logz_BxT, drop_BxT, valid_BxT, z_loss: float = 0.0):
+    """One global mean over kept, valid targets, plus the sums training accumulates.
+
+    Returns (loss, aux). ``aux`` holds the sums of ``LossSums`` (``xent_sum``, ``xent_all_sum``,
+    ``xent_dropped_sum``, ``z_sum``, ``n_kept``, ``n_dropped``, ``n_valid``) that add over
+    micro-batches, and the ratios ``loss_kept``, ``loss_all``, ``loss_dropped``, ``drop_fraction``
+    computed from them (see ``summarize``). Gradients are exactly zero at dropped and invalid targets.
+    """
+    sums = loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
+    return sums.loss(z_loss), sums.summary()
 
 
 def summarize(sums: dict[str, Any]) -> dict[str, Any]:
@@ -365,16 +425,7 @@ def summarize(sums: dict[str, Any]) -> dict[str, Any]:
     Works on one batch's sums or on sums added over micro-batches / steps: the division happens
     once, so micro-batches that keep different numbers of targets are weighted correctly.
     """
-    out = dict(sums)
-
-    def ratio(num, den):
-        return jax.lax.stop_gradient(num) / jnp.maximum(1, den).astype(jnp.float32)
-
-    out["loss_kept"] = ratio(sums["xent_sum"], sums["n_kept"])
-    out["loss_all"] = ratio(sums["xent_all_sum"], sums["n_valid"])
-    out["loss_dropped"] = ratio(sums["xent_dropped_sum"], sums["n_dropped"])
-    out["drop_fraction"] = ratio(sums["n_dropped"].astype(jnp.float32), sums["n_valid"])
-    return out
+    return {**sums, **LossSums(**{k: sums[k] for k in LossSums._fields}).ratios()}
 
 
 def _valid_mask(targets_BxT, weights_BxT):
@@ -382,6 +433,26 @@ def _valid_mask(targets_BxT, weights_BxT):
     if weights_BxT is not None:
         valid_BxT = valid_BxT & (jnp.asarray(weights_BxT) > 0)
     return valid_BxT
+
+
+def goldfish_sums(
+    logits_BxTxV,
+    targets_BxT,
+    config: GoldfishConfig,
+    *,
+    weights_BxT=None,
+    positions_BxT=None,
+    context_BxC=None,
+    rng=None,
+    table=None,
+) -> LossSums:
+    """The ``LossSums`` of a batch under goldfish loss (arguments as in ``loss_fn``)."""
+    targets_BxT = jnp.asarray(targets_BxT)
+    drop_BxT = goldfish_mask(
+        targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
+    )
+    xent_BxT, logz_BxT = token_cross_entropy(logits_BxTxV, targets_BxT)
+    return loss_sums(xent_BxT, logz_BxT, drop_BxT, _valid_mask(targets_BxT, weights_BxT))
 
 
 def loss_fn(
@@ -412,16 +483,66 @@ def loss_fn(
       (loss, aux): loss = (sum of kept cross-entropy + z_loss * sum of logz**2) / max(1, n_kept),
       one mean over the whole batch, never per sequence. ``aux`` is described in ``reduce_loss``.
     """
+    sums = goldfish_sums(
+        logits_BxTxV, targets_BxT, config, weights_BxT=weights_BxT, positions_BxT=positions_BxT,
+        context_BxC=context_BxC, rng=rng, table=table,
+    )
+    return sums.loss(z_loss), sums.summary()
+
+
+def chunked_goldfish_sums(
+    hidden_BxTxD,
+    w_DxV,
+    targets_BxT,
+    config: GoldfishConfig,
+    *,
+    weights_BxT=None,
+    positions_BxT=None,
+    context_BxC=None,
+    rng=None,
+    table=None,
+    chunk_size: int = 128,
+) -> LossSums:
+    """``goldfish_sums(hidden_BxTxD @ w_DxV, ...)`` without ever holding the B x T x V logits.
+
+    The sequence is cut into M chunks of E = ``chunk_size`` targets; each chunk's logits are made,
+    reduced to per-target cross-entropy and discarded, under ``jax.checkpoint`` so the backward
+    pass recomputes them per chunk instead of storing them. The matmul runs in the dtype of the
+    inputs; the log-softmax in float32.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     targets_BxT = jnp.asarray(targets_BxT)
+    B, T, D = hidden_BxTxD.shape
     drop_BxT = goldfish_mask(
         targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
     )
-    xent_BxT, logz_BxT = token_cross_entropy(logits_BxTxV, targets_BxT)
-    return reduce_loss(xent_BxT, logz_BxT, drop_BxT, _valid_mask(targets_BxT, weights_BxT), z_loss)
+    valid_BxT = _valid_mask(targets_BxT, weights_BxT)
+
+    E = min(chunk_size, T)
+    M = -(-T // E)
+    pad = M * E - T
+    hidden_pad_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets_pad_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    hidden_MxBxExD = hidden_pad_BxTxD.reshape(B, M, E, D).swapaxes(0, 1)
+    targets_MxBxE = targets_pad_BxT.reshape(B, M, E).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_terms(hidden_BxExD, targets_BxE):
+        logits_BxExV = jnp.einsum("bed,dv->bev", hidden_BxExD, w_DxV.astype(hidden_BxExD.dtype))
+        return token_cross_entropy(logits_BxExV, targets_BxE)
+
+    def body(carry, xs):
+        return carry, chunk_terms(*xs)
+
+    _, (xent_MxBxE, logz_MxBxE) = jax.lax.scan(body, None, (hidden_MxBxExD, targets_MxBxE))
+    xent_BxT = xent_MxBxE.swapaxes(0, 1).reshape(B, M * E)[:, :T]
+    logz_BxT = logz_MxBxE.swapaxes(0, 1).reshape(B, M * E)[:, :T]
+    return loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
 
 
 def chunked_loss_fn(
-    h_BxTxD,
+    hidden_BxTxD,
     w_DxV,
     targets_BxT,
     config: GoldfishConfig,
@@ -434,39 +555,13 @@ def chunked_loss_fn(
     table=None,
     chunk_size: int = 128,
 ):
-    """``loss_fn(h_BxTxD @ w_DxV, ...)`` without ever holding the B x T x V logits.
+    """``loss_fn(hidden_BxTxD @ w_DxV, ...)`` without ever holding the B x T x V logits.
 
-    The sequence is cut into chunks of ``chunk_size`` targets; each chunk's logits are made,
-    reduced to per-target cross-entropy and discarded, under ``jax.checkpoint`` so the backward
-    pass recomputes them per chunk instead of storing them. The matmul runs in the dtype of the
-    inputs; the log-softmax in float32. Same value and gradients as ``loss_fn`` to float tolerance.
+    Same value and gradients as ``loss_fn`` to float tolerance; memory per chunk, not per
+    sequence (see ``chunked_goldfish_sums``).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    targets_BxT = jnp.asarray(targets_BxT)
-    B, T, D = h_BxTxD.shape
-    drop_BxT = goldfish_mask(
-        targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
+    sums = chunked_goldfish_sums(
+        hidden_BxTxD, w_DxV, targets_BxT, config, weights_BxT=weights_BxT, positions_BxT=positions_BxT,
+        context_BxC=context_BxC, rng=rng, table=table, chunk_size=chunk_size,
     )
-    valid_BxT = _valid_mask(targets_BxT, weights_BxT)
-
-    C = min(chunk_size, T)
-    n_chunks = -(-T // C)
-    pad = n_chunks * C - T
-    h_pad_BxTxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    t_pad_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    h_NxBxCxD = h_pad_BxTxD.reshape(B, n_chunks, C, D).swapaxes(0, 1)
-    t_NxBxC = t_pad_BxT.reshape(B, n_chunks, C).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_terms(h_BxCxD, t_BxC):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV.astype(h_BxCxD.dtype))
-        return token_cross_entropy(logits_BxCxV, t_BxC)
-
-    def body(carry, xs):
-        return carry, chunk_terms(*xs)
-
-    _, (xent_NxBxC, logz_NxBxC) = jax.lax.scan(body, None, (h_NxBxCxD, t_NxBxC))
-    xent_BxT = xent_NxBxC.swapaxes(0, 1).reshape(B, n_chunks * C)[:, :T]
-    logz_BxT = logz_NxBxC.swapaxes(0, 1).reshape(B, n_chunks * C)[:, :T]
-    return reduce_loss(xent_BxT, logz_BxT, drop_BxT, valid_BxT, z_loss)
+    return sums.loss(z_loss), sums.summary()
