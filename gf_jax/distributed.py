@@ -231,6 +231,11 @@ def maybe_initialize(config: DistributedConfig | None = None) -> Plan:
     return decision
 
 
+def is_main_process() -> bool:
+    """Process 0 writes logs, metrics, configs and results; every process takes part in saves."""
+    return jax.process_index() == 0
+
+
 def is_multiprocess() -> bool:
     """True once ``jax.distributed`` connects more than one process."""
     return jax.distributed.is_initialized() and jax.process_count() > 1
