@@ -38,7 +38,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
 )
 
 
