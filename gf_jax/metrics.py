@@ -10,10 +10,9 @@ likely a member"; members are the documents trained on.
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
 
 # ---------------------------------------------------------------------------------------------
 # Memorization.
