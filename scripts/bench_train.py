@@ -8,9 +8,9 @@ The step is the trainer's own jitted step (``gf_jax.train.make_step_functions``:
 donated, goldfish mask inside the step) on a fixed, device-resident batch of packed synthetic
 documents, so the figures measure the step, not the input pipeline. The two variants run in
 alternating blocks (standard, goldfish, standard, ...); each variant reports its median block and
-the ratio is the median of the paired block ratios, so drift in machine load affects both alike. MFU uses the model FLOPs per token of
-``gf_jax.model.flops_per_token`` and the per-chip peak of ``gf_jax.train.PEAK_TFLOPS``
-(CPU has no peak: MFU is not reported).
+the ratio is the median of the paired block ratios, so drift in machine load affects both alike.
+MFU uses the model FLOPs per token of ``gf_jax.model.flops_per_token`` and the per-chip peak of
+``gf_jax.train.PEAK_TFLOPS`` (CPU has no peak: MFU is not reported).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
         runs[name] = {"fns": fns, "batch": batch, "state": state, "times": []}
 
     for r in range(args.repeats):
-        for name, run in runs.items():
+        for run in runs.values():
             run["state"], seconds, metrics = time_block(run["fns"], run["state"], run["batch"], args.steps)
             run["times"].append(seconds)
             run["drop_fraction"] = float(metrics["drop_fraction"])
