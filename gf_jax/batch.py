@@ -36,7 +36,7 @@ class Batch(NamedTuple):
     context_BxC: Any = None
     doc_ids_BxT: Any = None
 
-    def for_device(self) -> "Batch":
+    def for_device(self) -> Batch:
         """The fields the model and loss read (document ids stay on the host)."""
         return self._replace(doc_ids_BxT=None)
 

@@ -21,7 +21,8 @@ import difflib
 import os
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gf_jax.data import DataConfig
 from gf_jax.distributed import DistributedConfig

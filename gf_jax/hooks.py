@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 from gf_jax import distributed
 
@@ -41,7 +41,7 @@ class StopSignal:
         self.received: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in () if distributed.is_multiprocess() else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)

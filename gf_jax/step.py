@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ class StepConfig:
     seed: int = 0          # parameter initialisation and the ``random`` goldfish strategy
 
     @classmethod
-    def of(cls, config) -> "StepConfig":
+    def of(cls, config) -> StepConfig:
         """The StepConfig of a RunConfig."""
         t = config.train
         return cls(

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,12 @@ from flax import nnx
 from gf_jax import distributed, rundir
 from gf_jax.batch import Batch
 from gf_jax.checkpoint import (
-    TOKENIZER_FILE, Checkpointer, abstract_with_shardings, check_compatible, load_model,
+    ARCHITECTURE_FIELDS,
+    TOKENIZER_FILE,
+    Checkpointer,
+    abstract_with_shardings,
+    check_compatible,
+    load_model,
 )
 from gf_jax.config import RunConfig, save_config, to_dict
 from gf_jax.distributed import is_main_process
@@ -107,6 +112,7 @@ class Trainer:
         t = config.train
         self.run_dir = t.run_dir
         self.resume_step = self._check_resume(config)
+        self._check_init_from(config)
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self._check_batch_fits_mesh(config)
         self.tokenizer, tokenizer_copy = resolve_tokenizer(config, self.run_dir)
@@ -180,10 +186,33 @@ class Trainer:
         self.input_tokens_at_start = int(loop["input_tokens"])
         self.step = self.resume_step
 
+    def _check_init_from(self, config: RunConfig) -> None:
+        """``train.init_from`` names a run whose model is this run's, checked before anything compiles."""
+        spec = config.train.init_from
+        if not spec or self.resume_step is not None:  # a resumed run continues its own parameters
+            return
+        path, step = _parse_init_from(spec)
+        source = Checkpointer(path, async_save=False)
+        try:
+            steps = source.all_steps()
+            if not steps or (step is not None and step not in steps):
+                raise ValueError(
+                    f"train.init_from={spec}: {path} has no checkpoint {'' if step is None else f'of step {step} '}"
+                    f"(it has {steps or 'none'}); name a trained run directory (RUN_DIR or RUN_DIR@STEP)."
+                )
+            saved = source.saved_config(step if step is not None else steps[-1])["model"]
+        finally:
+            source.close()
+        for name in ARCHITECTURE_FIELDS:
+            if saved.get(name) != getattr(config.model, name):
+                raise ValueError(
+                    f"train.init_from={spec} holds another model (model.{name} is {saved.get(name)!r} there, "
+                    f"{getattr(config.model, name)!r} here); use its model settings."
+                )
+
     def _init_from_model(self, spec: str):
         path, step = _parse_init_from(spec)
-        model, saved, _ = load_model(path, step, mesh=self.mesh)
-        check_compatible(dataclasses.asdict(saved.model), self.config.model, path)
+        model, _, _ = load_model(path, step, mesh=self.mesh)
         self.log(f"[gf_jax.train] parameters from {spec} (fresh optimizer)")
         return model
 
@@ -249,7 +278,9 @@ class Trainer:
             )
         state = model if isinstance(model, nnx.State) else nnx.state(model)
         if jax.tree.structure(state) != jax.tree.structure(self.model_state):
-            raise ValueError("the starting parameters belong to another architecture than model.*; use the same model settings.")
+            raise ValueError(
+                "the starting parameters belong to another architecture than model.*; use the same model settings."
+            )
         self.model_state = jax.tree.map(
             lambda x, s: jax.device_put(jnp.asarray(x, s.dtype), s.sharding), state, self.model_state
         )
@@ -406,7 +437,10 @@ class Trainer:
             f"{dict(self.mesh.shape)} ({kind}); run dir {self.run_dir}"
         )
         if self.tracker.peak is None:
-            self.log(f"[gf_jax.train] no peak FLOP/s known for device kind {kind!r}: MFU is not reported (TFLOP/s/device is).")
+            self.log(
+                f"[gf_jax.train] no peak FLOP/s known for device kind {kind!r}: MFU is not reported "
+                "(TFLOP/s/device is)."
+            )
 
     @contextlib.contextmanager
     def _progress_bar(self, end: int):

@@ -2,6 +2,7 @@
 big batch, stop + resume equals an uninterrupted run, logged goldfish metrics match the batches,
 NaN and SIGTERM handling, bad configs rejected early, and the tiny config learns."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,19 +13,19 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from gf_jax import data as data_lib
 from gf_jax import goldfish
+from gf_jax.batch import Batch
 from gf_jax.checkpoint import load_model
 from gf_jax.config import load_config
+from gf_jax.model import Transformer
 from gf_jax.sharding import MeshConfig, make_mesh
-from gf_jax.tokenizer import Tokenizer
-from gf_jax.batch import Batch
 from gf_jax.step import make_step_functions
+from gf_jax.tokenizer import Tokenizer
 from gf_jax.train import NonFiniteLossError, Trainer, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,3 +284,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_path, tmp_path):
     train, _ = records(run_dir)
     assert len(steps) == 1 and steps[0] >= 3 and train[-1]["step"] == steps[0], (steps, output)
     assert f"saved step {steps[0]}" in output
+
+
+def test_init_from_starts_with_that_runs_parameters_and_a_fresh_optimizer(reference_run, tokenizer_path, tmp_path):
+    trainer = Trainer(small_config(tokenizer_path, str(tmp_path / "ft"), f"train.init_from={reference_run}@16"))
+    try:
+        assert trainer.step == 0 and trainer.resume_step is None
+        got = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainer.model))]
+        model, _, _ = load_model(reference_run, 16)
+        want = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert int(jax.device_get(trainer.opt_state["step"][...])) == 0  # the optimizer starts fresh
+        deeper = dataclasses.replace(trainer.config.model, n_layers=2)
+        with pytest.raises(ValueError, match="another architecture"):
+            trainer.start_from(nnx.state(nnx.eval_shape(lambda: Transformer(deeper, rngs=nnx.Rngs(0)))))
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match=r"holds another model \(model\.d_model is 32 there, 48 here\)"):
+        Trainer(small_config(tokenizer_path, str(tmp_path / "ft2"), f"train.init_from={reference_run}",
+                             "model.d_model=48"))
+
+
+def test_user_hooks_run_every_n_steps_and_at_the_end(tokenizer_path, tmp_path):
+    trainer = Trainer(small_config(tokenizer_path, str(tmp_path / "hooks"), "train.steps=7", "train.eval_every=0",
+                                   "train.ckpt_every=0"))
+    seen = []
+    trainer.add_hook(lambda step: seen.append((step, trainer.tracker.supervised_tokens > 0)), every=3)
+    trainer.run()
+    # Steps 3 and 6, then the last step; metrics were read back before the hook ran.
+    assert seen == [(3, True), (6, True), (7, True)]
