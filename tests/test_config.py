@@ -131,10 +131,11 @@ def test_large_presets_without_a_tokenizer_get_one_that_fits(tmp_path):
     # configs/tinyllama-1b.yaml and llama2-7b.yaml fall back to a tokenizer trained on their
     # placeholder corpus when data.tokenizer is not set: that must work and fit the model.
     from gf_jax import data as data_lib
+    from gf_jax.tokenizer import corpus_tokenizer
 
     for name in ("configs/tinyllama-1b.yaml", "configs/llama2-7b.yaml"):
         config = load_config(name, [f"data.tokenizer_cache_dir={tmp_path}"])
         assert config.data.tokenizer is None
-        tokenizer = data_lib.load_tokenizer(config.data)
+        tokenizer = corpus_tokenizer(config.data)
         data_lib.check_vocab_fits(tokenizer, config.model.vocab_size)
         assert tokenizer.vocab_size == config.data.vocab_size
