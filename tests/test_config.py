@@ -139,3 +139,18 @@ def test_large_presets_without_a_tokenizer_get_one_that_fits(tmp_path):
         tokenizer = corpus_tokenizer(config.data)
         data_lib.check_vocab_fits(tokenizer, config.model.vocab_size)
         assert tokenizer.vocab_size == config.data.vocab_size
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.eval_every=10", "data.validation_fraction=0"], r"train\.eval_every > 0 needs a validation split"),
+        (["data.row_context=8", "goldfish.h=13"], r"set data\.row_context >= 13 \(or 0"),
+    ],
+)
+def test_data_cross_section_checks_fail_at_load(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({}, overrides)
+    # The same data settings are fine where the other section does not need them.
+    config_from_dict({}, overrides + ["train.eval_every=0", "goldfish.strategy=static"])
+    config_from_dict({}, ["data.row_context=0", "goldfish.h=13"])  # 0: no row context at all
