@@ -116,7 +116,7 @@ def test_segments_positions_and_boundary_weights_of_one_packed_row():
     np.testing.assert_array_equal(b.inputs_BxT[0][6:], [39] + [0] * 5)
     np.testing.assert_array_equal(b.segment_ids_BxT[0], [1] * 7 + [0] * 5)
     np.testing.assert_array_equal(b.weights_BxT[0], [1] * 6 + [0] * 6)
-    assert it.rows_per_epoch == 2
+    assert it.rows_per_epoch == 2 == data.rows_per_epoch([len(d) for d in docs], 12, "packed")
     assert {k: v.dtype for k, v in b._asdict().items() if v is not None} == {
         "inputs_BxT": np.int32, "targets_BxT": np.int32, "positions_BxT": np.int32,
         "segment_ids_BxT": np.int32, "weights_BxT": np.float32}
@@ -136,7 +136,7 @@ def test_document_mode_pads_each_document_and_splits_long_ones_with_true_positio
     np.testing.assert_array_equal(b.inputs_BxT[2], np.arange(208, 216))
     np.testing.assert_array_equal(b.targets_BxT[2], np.arange(209, 217))
     assert b.weights_BxT[1:].all()
-    assert it.rows_per_epoch == 4
+    assert it.rows_per_epoch == 4 == data.rows_per_epoch([len(d) for d in docs], 8, "document")
     last = it.batch(1).positions_BxT[0]
     np.testing.assert_array_equal(last[:3], [16, 17, 18])
 

@@ -28,7 +28,7 @@ from gf_jax.data.canaries import CANARY_PREFIX, DocumentStream, canary_plan, doc
 from gf_jax.data.config import MODES, SOURCES, SPLIT_RULES, DataConfig
 from gf_jax.data.evaluation import eval_batches
 from gf_jax.data.iterator import BatchIterator
-from gf_jax.data.packing import assemble_rows, unpack_batch
+from gf_jax.data.packing import assemble_rows, rows_per_epoch, unpack_batch
 from gf_jax.data.pipeline import make_train_iterator, to_global_batch
 from gf_jax.data.sources import (
     Document,
@@ -49,5 +49,5 @@ __all__ = [
     "load_canaries", "canary_plan", "document_stream",
     "split_of", "process_share", "load_documents", "train_texts",
     "tokenize_documents", "check_vocab_fits", "check_documents_long_enough",
-    "assemble_rows", "unpack_batch", "eval_batches", "make_train_iterator", "to_global_batch",
+    "assemble_rows", "rows_per_epoch", "unpack_batch", "eval_batches", "make_train_iterator", "to_global_batch",
 ]

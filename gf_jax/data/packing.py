@@ -59,6 +59,13 @@ class RowLayout:
         return pieces
 
 
+def rows_per_epoch(lengths: Sequence[int], seq_len: int, mode: str) -> int:
+    """Rows of T+1 tokens (T = ``seq_len``) that one pass over documents of these token counts
+    makes in ``mode`` (the same in every epoch: the order does not change the count)."""
+    lengths_N = np.asarray(lengths, np.int64)
+    return RowLayout(lengths_N, np.arange(len(lengths_N)), seq_len, mode).num_rows
+
+
 def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[Piece]], seq_len: int, pad_id: int,
                   with_doc_ids: bool = False, context: int = 0) -> Batch:
     """A host ``Batch`` (numpy, B = len(rows)) from row pieces; an empty row is all padding (weight 0).
