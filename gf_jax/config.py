@@ -346,11 +346,7 @@ def validate(config) -> None:
         )
     if not t.run_dir:
         raise ValueError("train.run_dir must name an output directory.")
-    if t.eval_every > 0 and config.data.validation_fraction <= 0:
-        raise ValueError(
-            "train.eval_every > 0 needs a validation split; set data.validation_fraction > 0 "
-            "(e.g. 0.05) or train.eval_every=0."
-        )
+    _validate_data(config)
 
 
 def config_from_dict(values: dict, overrides: Sequence[str] = ()):
@@ -406,3 +402,25 @@ def save_config(config, path: str) -> None:
     from gf_jax import rundir
 
     rundir.write_text(path, dump_config(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-section checks of the data section (data x train, data x goldfish): the one place for
+# them, so no module re-checks a combination when it starts.
+
+
+def _validate_data(config) -> None:
+    """Checks that ``data`` fits ``train`` and ``goldfish``; raises a one-sentence ValueError."""
+    d, t, g = config.data, config.train, config.goldfish
+    if t.eval_every > 0 and d.validation_fraction <= 0:
+        raise ValueError(
+            "train.eval_every > 0 needs a validation split; set data.validation_fraction > 0 "
+            "(e.g. 0.05) or train.eval_every=0."
+        )
+    if g.strategy == "hash" and 0 < d.row_context < g.h:
+        # With C < h a row that starts mid-document cannot see its first targets' whole hash
+        # windows, so it drops them all instead of getting its document's mask.
+        raise ValueError(
+            f"data.row_context ({d.row_context}) is shorter than the goldfish hash window goldfish.h "
+            f"({g.h}); set data.row_context >= {g.h} (or 0 for no row context)."
+        )

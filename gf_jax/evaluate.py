@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from gf_jax import metrics
+from gf_jax.batch import Batch
 from gf_jax.generate import data_parallel_size, generate, place_on_mesh, replicate_outputs
 from gf_jax.goldfish import GoldfishConfig, chunked_loss_fn
 from gf_jax.report import markdown_table, write_report
@@ -179,11 +180,11 @@ def evaluate_memorization(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "mesh"))
-def _row_xent_jit(graphdef, state, inputs_BxT, targets_BxT, positions_BxT, segment_ids_BxT, weights_BxT,
-                  *, chunk_size, mesh=None):
+def _row_xent_jit(graphdef, state, batch: Batch, *, chunk_size, mesh=None):
     """Per-row (sum of target NLL in nats, number of real targets); logits never fully materialised."""
     model = nnx.merge(graphdef, state)
-    h_BxTxD = model.hidden(inputs_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
+    h_BxTxD = model.hidden(batch.inputs_BxT, positions_BxT=batch.positions_BxT,
+                           segment_ids_BxT=batch.segment_ids_BxT)
     w_DxV = model.output_weights()
 
     def one_row(h_TxD, targets_T, weights_T):
@@ -191,19 +192,20 @@ def _row_xent_jit(graphdef, state, inputs_BxT, targets_BxT, positions_BxT, segme
                                  weights_BxT=weights_T[None], chunk_size=chunk_size)
         return aux["xent_all_sum"], aux["n_valid"]
 
-    return replicate_outputs(jax.vmap(one_row)(h_BxTxD, targets_BxT, weights_BxT), mesh)
+    return replicate_outputs(jax.vmap(one_row)(h_BxTxD, batch.targets_BxT, batch.weights_BxT), mesh)
 
 
-def _row_xent(model, batch: dict, mesh=None, chunk_size: int = 128):
+def _row_xent(model, batch: Batch, mesh=None, chunk_size: int = 128):
     graphdef, state = nnx.split(model)
-    keys = ("inputs_BxT", "targets_BxT", "positions_BxT", "segment_ids_BxT", "weights_BxT")
-    arrays = tuple(np.asarray(batch[k]) for k in keys)
+    # Every target counts here (no goldfish mask), so the row context is not read: leaving it out
+    # (and the host-only document ids) keeps one compiled program for batches with and without it.
+    batch = jax.tree.map(np.asarray, batch._replace(context_BxC=None, doc_ids_BxT=None))
     if mesh is None:
-        return _row_xent_jit(graphdef, state, *arrays, chunk_size=chunk_size)
+        return _row_xent_jit(graphdef, state, batch, chunk_size=chunk_size)
     from gf_jax.sharding import batch_sharding
 
     with jax.set_mesh(mesh):
-        return _row_xent_jit(graphdef, state, *jax.device_put(arrays, batch_sharding(mesh)), chunk_size=chunk_size,
+        return _row_xent_jit(graphdef, state, jax.device_put(batch, batch_sharding(mesh)), chunk_size=chunk_size,
                              mesh=mesh)
 
 
@@ -231,23 +233,28 @@ def document_nll(model, docs_tokens: Sequence[Sequence[int]], *, batch_size: int
     for begin in range(0, len(docs), batch_size):
         idx = order[begin : begin + batch_size]
         width = min(_round_up(len(docs[idx[0]]) - 1, 64), max_len)  # few distinct shapes to compile
-        batch = {k: np.zeros((batch_size, width), np.float32 if k == "weights_BxT" else np.int32)
-                 for k in ("inputs_BxT", "targets_BxT", "positions_BxT", "segment_ids_BxT", "weights_BxT")}
-        batch["inputs_BxT"][:] = pad_id
-        batch["positions_BxT"][:] = np.arange(width)
-        for row, i in enumerate(idx):
-            n = len(docs[i]) - 1
-            batch["inputs_BxT"][row, :n] = docs[i][:-1]
-            batch["targets_BxT"][row, :n] = docs[i][1:]
-            batch["segment_ids_BxT"][row, :n] = 1
-            batch["weights_BxT"][row, :n] = 1.0
-        xent_B, n_B = _row_xent(model, batch, mesh)
+        xent_B, n_B = _row_xent(model, _document_rows([docs[i] for i in idx], batch_size, width, pad_id), mesh)
         nll[idx] = np.asarray(xent_B, np.float64)[: idx.size] / np.asarray(n_B)[: idx.size]
         if bar is not None:
             bar.update(idx.size)
     if bar is not None:
         bar.close()
     return nll
+
+
+def _document_rows(docs: Sequence[np.ndarray], batch_size: int, width: int, pad_id: int) -> Batch:
+    """One document per row from column 0, padded to ``batch_size`` rows of ``width`` (every doc fits)."""
+    shape = (batch_size, width)
+    batch = Batch(inputs_BxT=np.full(shape, pad_id, np.int32), targets_BxT=np.zeros(shape, np.int32),
+                  positions_BxT=np.broadcast_to(np.arange(width, dtype=np.int32), shape).copy(),
+                  segment_ids_BxT=np.zeros(shape, np.int32), weights_BxT=np.zeros(shape, np.float32))
+    for row, doc in enumerate(docs):
+        n = len(doc) - 1
+        batch.inputs_BxT[row, :n] = doc[:-1]
+        batch.targets_BxT[row, :n] = doc[1:]
+        batch.segment_ids_BxT[row, :n] = 1
+        batch.weights_BxT[row, :n] = 1.0
+    return batch
 
 
 def membership_inference(
@@ -295,11 +302,11 @@ def membership_inference(
     }
 
 
-def heldout_loss(model, batches: Iterable[dict], *, mesh=None, progress: bool | str = False) -> tuple[float, float]:
+def heldout_loss(model, batches: Iterable[Batch], *, mesh=None, progress: bool | str = False) -> tuple[float, float]:
     """(mean next-token loss in nats, perplexity) over every real target of the batches.
 
-    ``batches`` follow the batch convention (``gf_jax.data``): ``weights_BxT`` marks real
-    targets; all of them count (no goldfish mask): this is the model's quality on unseen text.
+    ``batches`` are ``gf_jax.batch.Batch`` (e.g. ``gf_jax.data.eval_batches``): ``weights_BxT`` marks
+    real targets; all of them count (no goldfish mask): this is the model's quality on unseen text.
     """
     total, count = 0.0, 0
     model = place_on_mesh(model, mesh)

@@ -231,3 +231,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# A tokenizer for a configured corpus (gf_jax.data.DataConfig).
+
+
+def corpus_tokenizer(data_config, texts: Sequence[str] | None = None, *, max_chars: int = 50_000_000) -> Tokenizer:
+    """``data_config.tokenizer`` if set, else a ``data_config.vocab_size``-piece tokenizer trained on
+    ``texts`` (default: the corpus's train split up to ``max_chars`` characters, canaries excluded;
+    see ``gf_jax.data.train_texts``), cached in ``data_config.tokenizer_cache_dir`` by content, so a
+    changed corpus retrains."""
+    if data_config.tokenizer:
+        return Tokenizer.load(data_config.tokenizer)
+    if texts is None:
+        from gf_jax import data  # here, not at the top: the tokenizer module does not need the data pipeline
+
+        texts = data.train_texts(data_config, max_chars=max_chars)
+    return cached_tokenizer(list(texts), data_config.vocab_size, data_config.tokenizer_cache_dir)

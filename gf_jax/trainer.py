@@ -50,7 +50,7 @@ def resolve_tokenizer(config: RunConfig, run_dir: str):
     trained on the corpus (cached). Returns (tokenizer, path of the run directory's copy); the
     copy is written by the trainer once every check has passed."""
     from gf_jax import data as data_lib
-    from gf_jax.tokenizer import Tokenizer
+    from gf_jax.tokenizer import Tokenizer, corpus_tokenizer
 
     local = rundir.join(run_dir, TOKENIZER_FILE)
     if config.data.tokenizer:
@@ -64,13 +64,9 @@ def resolve_tokenizer(config: RunConfig, run_dir: str):
     elif rundir.exists(local):
         tokenizer = Tokenizer.load(local)
     else:
-        tokenizer = data_lib.load_tokenizer(config.data)
+        tokenizer = corpus_tokenizer(config.data)
     data_lib.check_vocab_fits(tokenizer, config.model.vocab_size)
     return tokenizer, local
-
-
-def _as_batch(local) -> Batch:
-    return local if isinstance(local, Batch) else Batch(**local)
 
 
 def _parse_init_from(spec: str) -> tuple[str, int | None]:
@@ -302,8 +298,9 @@ class Trainer:
 
     def global_batch(self, local_batch) -> Batch:
         """This process's rows as one global, row-sharded batch on the mesh."""
-        batch = _as_batch(local_batch).for_device()
-        return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.fns.batch_sharding, v), batch)
+        from gf_jax import data as data_lib
+
+        return data_lib.to_global_batch(local_batch, self.fns.batch_sharding)
 
     def evaluate(self) -> dict:
         """Held-out loss: one in-order pass over the validation documents (at most
@@ -314,6 +311,7 @@ class Trainer:
         batches = data_lib.eval_batches(
             self.val_tokens, global_batch=t.global_batch // t.grad_accum, seq_len=t.seq_len,
             pad_id=self.tokenizer.pad_id, mode=self.config.data.mode,
+            context=self.config.data.row_context,  # validation targets get training's mask rule
         )
         totals = LossSums.zeros()
         for i, batch in enumerate(batches):

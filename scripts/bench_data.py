@@ -44,10 +44,11 @@ def main():
     from gf_jax.config import load_config
     from gf_jax.goldfish import loss_fn
     from gf_jax.model import Transformer
+    from gf_jax.tokenizer import corpus_tokenizer
 
     run_config = load_config(args.config)
     config, model_config = run_config.data, run_config.model
-    tokenizer = data.load_tokenizer(config)  # cached after the first run
+    tokenizer = corpus_tokenizer(config)  # cached after the first run
     B, T = run_config.train.global_batch, run_config.train.seq_len
     tokens_per_step = B * T
 
@@ -79,17 +80,17 @@ def main():
     @nnx.jit
     def train_step(model, optimizer, batch):
         def loss_of(model):
-            logits = model(batch["inputs_BxT"], positions_BxT=batch["positions_BxT"],
-                           segment_ids_BxT=batch["segment_ids_BxT"])
-            loss, _ = loss_fn(logits, batch["targets_BxT"], gl, weights_BxT=batch["weights_BxT"],
-                              positions_BxT=batch["positions_BxT"])
+            logits = model(batch.inputs_BxT, positions_BxT=batch.positions_BxT,
+                           segment_ids_BxT=batch.segment_ids_BxT)
+            loss, _ = loss_fn(logits, batch.targets_BxT, gl, weights_BxT=batch.weights_BxT,
+                              positions_BxT=batch.positions_BxT)
             return loss
 
         loss, grads = nnx.value_and_grad(loss_of)(model)
         optimizer.update(model, grads)
         return loss
 
-    fixed = {k: jnp.asarray(v) for k, v in it.batch(0).items()}
+    fixed = jax.tree.map(jnp.asarray, it.batch(0))
     fed = data.BatchIterator(tokens, global_batch=B, seq_len=T, seed=0, process_index=0, process_count=1,
                              pad_id=tokenizer.pad_id, prefetch=2)
     jax.block_until_ready(train_step(model, optimizer, fixed))  # compile
@@ -111,7 +112,7 @@ def main():
         t0 = time.perf_counter()
         batch = next(source)  # with prefetch: returns at once when the thread kept up
         waits[source].append(time.perf_counter() - t0)
-        return {k: jnp.asarray(v) for k, v in batch.items()}
+        return jax.tree.map(jnp.asarray, batch)
 
     fixed_times, fed_times, sync_times = [], [], []
     for _ in range(args.rounds):

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from gf_jax import data as data_lib
+from gf_jax.batch import Batch
 from gf_jax.config import load_config
 from gf_jax.goldfish import GoldfishConfig, goldfish_mask
 from gf_jax.model import flops_per_token, param_count
@@ -34,7 +35,7 @@ from gf_jax.step import make_step_functions
 from gf_jax.tracker import peak_tflops
 
 
-def synthetic_batch(batch: int, seq_len: int, vocab: int, mean_doc_len: int, seed: int = 0) -> dict:
+def synthetic_batch(batch: int, seq_len: int, vocab: int, mean_doc_len: int, seed: int = 0) -> Batch:
     """A packed batch per the batch convention: documents of random lengths (BOS-framed) laid end
     to end, true positions, segment ids, weight 0 on targets that cross a document boundary."""
     rng = np.random.default_rng(seed)
@@ -52,13 +53,13 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, mean_doc_len: int, see
             if start == 0:
                 inputs[b, t] = 1  # BOS
             t, segment, start = end, segment + 1, 0
-    return {
-        "inputs_BxT": inputs[:, :-1],
-        "targets_BxT": inputs[:, 1:],
-        "positions_BxT": positions[:, :-1],
-        "segment_ids_BxT": segments[:, :-1],
-        "weights_BxT": (segments[:, 1:] == segments[:, :-1]).astype(np.float32),
-    }
+    return Batch(
+        inputs_BxT=inputs[:, :-1],
+        targets_BxT=inputs[:, 1:],
+        positions_BxT=positions[:, :-1],
+        segment_ids_BxT=segments[:, :-1],
+        weights_BxT=(segments[:, 1:] == segments[:, :-1]).astype(np.float32),
+    )
 
 
 def time_block(fns, state, batch, steps: int):

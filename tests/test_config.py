@@ -142,10 +142,26 @@ def test_large_presets_without_a_tokenizer_get_one_that_fits(tmp_path):
     # configs/tinyllama-1b.yaml and llama2-7b.yaml fall back to a tokenizer trained on their
     # placeholder corpus when data.tokenizer is not set: that must work and fit the model.
     from gf_jax import data as data_lib
+    from gf_jax.tokenizer import corpus_tokenizer
 
     for name in ("configs/tinyllama-1b.yaml", "configs/llama2-7b.yaml"):
         config = load_config(name, [f"data.tokenizer_cache_dir={tmp_path}"])
         assert config.data.tokenizer is None
-        tokenizer = data_lib.load_tokenizer(config.data)
+        tokenizer = corpus_tokenizer(config.data)
         data_lib.check_vocab_fits(tokenizer, config.model.vocab_size)
         assert tokenizer.vocab_size == config.data.vocab_size
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.eval_every=10", "data.validation_fraction=0"], r"train\.eval_every > 0 needs a validation split"),
+        (["data.row_context=8", "goldfish.h=13"], r"set data\.row_context >= 13 \(or 0"),
+    ],
+)
+def test_data_cross_section_checks_fail_at_load(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({}, overrides)
+    # The same data settings are fine where the other section does not need them.
+    config_from_dict({}, overrides + ["train.eval_every=0", "goldfish.strategy=static"])
+    config_from_dict({}, ["data.row_context=0", "goldfish.h=13"])  # 0: no row context at all

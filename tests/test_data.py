@@ -40,19 +40,28 @@ def rows_of_epoch(it):
     return [it.batch(s) for s in range(it.rows_per_epoch)]
 
 
+def assert_same_batch(got, want):
+    """Every field equal (the same fields None)."""
+    for name in want._fields:
+        g, w = getattr(got, name), getattr(want, name)
+        assert (g is None) == (w is None), name
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
+
+
 def targets_seen(batches, docs):
     """(doc, position) -> list of (target, weight) for every input token, using doc_ids/positions."""
     seen = collections.defaultdict(list)
     for b in batches:
-        for r in range(b["inputs_BxT"].shape[0]):
-            for c in range(b["inputs_BxT"].shape[1]):
-                d, p = int(b["doc_ids_BxT"][r, c]), int(b["positions_BxT"][r, c])
+        for r in range(b.inputs_BxT.shape[0]):
+            for c in range(b.inputs_BxT.shape[1]):
+                d, p = int(b.doc_ids_BxT[r, c]), int(b.positions_BxT[r, c])
                 if d < 0:
-                    assert b["weights_BxT"][r, c] == 0 and b["segment_ids_BxT"][r, c] == 0
+                    assert b.weights_BxT[r, c] == 0 and b.segment_ids_BxT[r, c] == 0
                     continue
-                assert b["inputs_BxT"][r, c] == docs[d][p]  # the true position within the document
-                if b["weights_BxT"][r, c] > 0:
-                    seen[(d, p)].append(int(b["targets_BxT"][r, c]))
+                assert b.inputs_BxT[r, c] == docs[d][p]  # the true position within the document
+                if b.weights_BxT[r, c] > 0:
+                    seen[(d, p)].append(int(b.targets_BxT[r, c]))
     return seen
 
 
@@ -94,21 +103,21 @@ def test_segments_positions_and_boundary_weights_of_one_packed_row():
                             shuffle=False, prefetch=0)
     b = it.batch(0)
     # Row = tokens 0..12 of the stream 10..14 | 20..23 | 30..39.
-    np.testing.assert_array_equal(b["inputs_BxT"][0], [10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32])
-    np.testing.assert_array_equal(b["targets_BxT"][0], [11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32, 33])
-    np.testing.assert_array_equal(b["positions_BxT"][0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2])
-    np.testing.assert_array_equal(b["segment_ids_BxT"][0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3])
-    np.testing.assert_array_equal(b["weights_BxT"][0], [1, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(b.inputs_BxT[0], [10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32])
+    np.testing.assert_array_equal(b.targets_BxT[0], [11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32, 33])
+    np.testing.assert_array_equal(b.positions_BxT[0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2])
+    np.testing.assert_array_equal(b.segment_ids_BxT[0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(b.weights_BxT[0], [1, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1])
     # The second row continues the last document at its true position 3 and is padded after it.
     b = it.batch(1)
-    np.testing.assert_array_equal(b["positions_BxT"][0][:6], [3, 4, 5, 6, 7, 8])
-    np.testing.assert_array_equal(b["inputs_BxT"][0][:6], [33, 34, 35, 36, 37, 38])
+    np.testing.assert_array_equal(b.positions_BxT[0][:6], [3, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(b.inputs_BxT[0][:6], [33, 34, 35, 36, 37, 38])
     # Token 39 (the document's last) is an input whose target is padding: in segment 1, weight 0.
-    np.testing.assert_array_equal(b["inputs_BxT"][0][6:], [39] + [0] * 5)
-    np.testing.assert_array_equal(b["segment_ids_BxT"][0], [1] * 7 + [0] * 5)
-    np.testing.assert_array_equal(b["weights_BxT"][0], [1] * 6 + [0] * 6)
-    assert it.rows_per_epoch == 2
-    assert {k: v.dtype for k, v in b.items()} == {
+    np.testing.assert_array_equal(b.inputs_BxT[0][6:], [39] + [0] * 5)
+    np.testing.assert_array_equal(b.segment_ids_BxT[0], [1] * 7 + [0] * 5)
+    np.testing.assert_array_equal(b.weights_BxT[0], [1] * 6 + [0] * 6)
+    assert it.rows_per_epoch == 2 == data.rows_per_epoch([len(d) for d in docs], 12, "packed")
+    assert {k: v.dtype for k, v in b._asdict().items() if v is not None} == {
         "inputs_BxT": np.int32, "targets_BxT": np.int32, "positions_BxT": np.int32,
         "segment_ids_BxT": np.int32, "weights_BxT": np.float32}
 
@@ -118,17 +127,17 @@ def test_document_mode_pads_each_document_and_splits_long_ones_with_true_positio
     it = data.BatchIterator(docs, global_batch=3, seq_len=8, seed=0, process_index=0, process_count=1,
                             mode="document", pad_id=3, shuffle=False, prefetch=0)
     b = it.batch(0)
-    np.testing.assert_array_equal(b["inputs_BxT"][0], [100, 101, 102, 103, 104, 3, 3, 3])
-    np.testing.assert_array_equal(b["weights_BxT"][0], [1, 1, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(b["segment_ids_BxT"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(b.inputs_BxT[0], [100, 101, 102, 103, 104, 3, 3, 3])
+    np.testing.assert_array_equal(b.weights_BxT[0], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b.segment_ids_BxT[0], [1, 1, 1, 1, 1, 0, 0, 0])
     # 20 tokens, 19 targets, T=8 -> rows start at positions 0, 8, 16.
-    np.testing.assert_array_equal(b["positions_BxT"][1], np.arange(8))
-    np.testing.assert_array_equal(b["positions_BxT"][2], np.arange(8, 16))
-    np.testing.assert_array_equal(b["inputs_BxT"][2], np.arange(208, 216))
-    np.testing.assert_array_equal(b["targets_BxT"][2], np.arange(209, 217))
-    assert b["weights_BxT"][1:].all()
-    assert it.rows_per_epoch == 4
-    last = it.batch(1)["positions_BxT"][0]
+    np.testing.assert_array_equal(b.positions_BxT[1], np.arange(8))
+    np.testing.assert_array_equal(b.positions_BxT[2], np.arange(8, 16))
+    np.testing.assert_array_equal(b.inputs_BxT[2], np.arange(208, 216))
+    np.testing.assert_array_equal(b.targets_BxT[2], np.arange(209, 217))
+    assert b.weights_BxT[1:].all()
+    assert it.rows_per_epoch == 4 == data.rows_per_epoch([len(d) for d in docs], 8, "document")
+    last = it.batch(1).positions_BxT[0]
     np.testing.assert_array_equal(last[:3], [16, 17, 18])
 
 
@@ -142,11 +151,9 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     a, b, c = make(0, 2), make(0, 0), make(1, 0)
     first = [next(a) for _ in range(12)]  # prefetched on a thread
     for s, batch in enumerate(first):
-        unprefetched, random_access = next(b), a.batch(s)
-        for k in batch:
-            np.testing.assert_array_equal(batch[k], unprefetched[k])
-            np.testing.assert_array_equal(batch[k], random_access[k])
-    assert any(not np.array_equal(x["inputs_BxT"], c.batch(s)["inputs_BxT"]) for s, x in enumerate(first))
+        assert_same_batch(batch, next(b))  # unprefetched
+        assert_same_batch(batch, a.batch(s))  # random access
+    assert any(not np.array_equal(x.inputs_BxT, c.batch(s).inputs_BxT) for s, x in enumerate(first))
     a.close()
 
 
@@ -158,7 +165,7 @@ def test_each_epoch_is_reshuffled_and_covers_every_row_once():
     epoch0 = [it.batch(s) for s in range(R)]
     epoch1 = [it.batch(s) for s in range(R, 2 * R)]
     assert it.epoch_of(R - 1) == 0 and it.epoch_of(R) == 1
-    order = lambda ep: [int(b["doc_ids_BxT"][0, 0]) for b in ep]
+    order = lambda ep: [int(b.doc_ids_BxT[0, 0]) for b in ep]
     assert order(epoch0) != order(epoch1)
     expected = {(d, p): [int(t[p + 1])] for d, t in enumerate(docs) for p in range(len(t) - 1)}
     assert dict(targets_seen(epoch0, docs)) == expected
@@ -182,9 +189,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches():
     resumed = data.BatchIterator(docs, **kw)
     resumed.set_state(state)
     for want in expected[13:]:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+        assert_same_batch(next(resumed), want)
     resumed.close()
 
     other = data.BatchIterator(docs, **{**kw, "seed": 8})
@@ -202,12 +207,12 @@ def test_each_process_reads_a_disjoint_share_and_together_all(small_config, tok)
     for pi in range(3):
         it = data.make_train_iterator(config, tok, global_batch=6, seq_len=32, process_index=pi, process_count=3,
                                       prefetch=0, with_doc_ids=True)
-        assert it.local_batch == 2 and next(it)["inputs_BxT"].shape == (2, 32)
+        assert it.local_batch == 2 and next(it).inputs_BxT.shape == (2, 32)
         ids = [d.id for d in it.documents]
         shares.append(set(ids))
         assert len(ids) == len(set(ids))
         # Batches of a process only ever hold its own documents.
-        seen = {int(d) for s in range(5) for d in it.batch(s)["doc_ids_BxT"].ravel() if d >= 0}
+        seen = {int(d) for s in range(5) for d in it.batch(s).doc_ids_BxT.ravel() if d >= 0}
         assert seen <= set(range(len(ids)))
     assert sum(len(s) for s in shares) == len(set().union(*shares))
     assert set().union(*shares) == train_ids
@@ -231,7 +236,7 @@ def test_eval_pass_counts_every_target_once_over_processes():
         for k, v in targets_seen(batches, docs).items():
             seen[k] += v
     assert dict(seen) == {(d, p): [int(t[p + 1])] for d, t in enumerate(docs) for p in range(len(t) - 1)}
-    total = sum(b["weights_BxT"].sum() for bs in per_process for b in bs)
+    total = sum(b.weights_BxT.sum() for bs in per_process for b in bs)
     assert total == sum(len(t) - 1 for t in docs)
 
 
@@ -241,13 +246,18 @@ def test_to_global_batch_assembles_on_the_mesh():
 
     docs = random_docs(6)
     local = data.BatchIterator(docs, global_batch=8, seq_len=16, process_index=0, process_count=1,
-                               prefetch=0).batch(0)
+                               prefetch=0, with_doc_ids=True, context=4).batch(0)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     glob = data.to_global_batch(local, sharding)
-    for k, v in local.items():
-        assert glob[k].shape == v.shape and glob[k].sharding == sharding
-        np.testing.assert_array_equal(np.asarray(glob[k]), v)
+    assert glob.doc_ids_BxT is None  # host-only: document ids never go to the devices
+    for k, v in local.for_device()._asdict().items():
+        if v is None:
+            assert getattr(glob, k) is None
+            continue
+        assert getattr(glob, k).shape == v.shape and getattr(glob, k).sharding == sharding
+        np.testing.assert_array_equal(np.asarray(getattr(glob, k)), v)
+    assert glob.context_BxC.shape == (8, 4)
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -365,11 +375,11 @@ def test_train_iterator_on_text_uses_bos_eos_and_the_tokenizer(small_config, tok
     it = data.make_train_iterator(small_config, tok, global_batch=4, seq_len=64, process_index=0,
                                   process_count=1, prefetch=0, with_doc_ids=True)
     b = it.batch(0)
-    starts = (b["positions_BxT"] == 0) & (b["segment_ids_BxT"] > 0)
-    assert (b["inputs_BxT"][starts] == tok.bos_id).all()
-    ends = (b["weights_BxT"] == 0) & (b["segment_ids_BxT"] > 0) & (b["targets_BxT"] == tok.bos_id)
-    assert (b["inputs_BxT"][ends] == tok.eos_id).all()
-    d = int(b["doc_ids_BxT"][0, 0])
+    starts = (b.positions_BxT == 0) & (b.segment_ids_BxT > 0)
+    assert (b.inputs_BxT[starts] == tok.bos_id).all()
+    ends = (b.weights_BxT == 0) & (b.segment_ids_BxT > 0) & (b.targets_BxT == tok.bos_id)
+    assert (b.inputs_BxT[ends] == tok.eos_id).all()
+    d = int(b.doc_ids_BxT[0, 0])
     assert tok.decode([data.tokenize_documents([it.documents[d]], tok)[0][1:-1].tolist()]) == [it.documents[d].text]
 
 
@@ -443,13 +453,13 @@ def test_row_context_holds_the_targets_before_each_row():
     docs = [np.arange(100, 120, dtype=np.int32), np.arange(200, 215, dtype=np.int32)]
     rows = [[(0, 5, 12), (1, 0, 3)], [(1, 0, 9)], [(0, 2, 10)]]
     batch = data.assemble_rows(docs, rows, seq_len=10, pad_id=-7, context=4)
-    ctx = batch["context_BxC"]
+    ctx = batch.context_BxC
     # Row 0 starts at token 5 of doc 0: column 0's target is token 6; the targets before it are
     # tokens 1..5, of which the last 4 fit.
     assert ctx[0].tolist() == [102, 103, 104, 105]
     assert ctx[1].tolist() == [-7, -7, -7, -7]  # starts a document: no context
     assert ctx[2].tolist() == [-7, -7, 101, 102]  # only tokens 1..2 precede
-    assert "context_BxC" not in data.assemble_rows(docs, rows, seq_len=10, pad_id=0)
+    assert data.assemble_rows(docs, rows, seq_len=10, pad_id=0).context_BxC is None
 
 
 @pytest.mark.parametrize("mode", ["packed", "document"])
@@ -470,10 +480,43 @@ def test_packed_rows_with_context_get_the_full_document_goldfish_mask(mode):
     n_checked = n_mid = 0
     for step in range(it.rows_per_epoch // 8):
         b = it.batch(step)
-        drop = np.asarray(mask(b["targets_BxT"], b["positions_BxT"], b["context_BxC"]))
-        valid = b["weights_BxT"] > 0
+        drop = np.asarray(mask(b.targets_BxT, b.positions_BxT, b.context_BxC))
+        valid = b.weights_BxT > 0
         for r, c in zip(*np.nonzero(valid)):
-            assert drop[r, c] == full[b["doc_ids_BxT"][r, c]][b["positions_BxT"][r, c]]
+            assert drop[r, c] == full[b.doc_ids_BxT[r, c]][b.positions_BxT[r, c]]
             n_checked += 1
-        n_mid += int((b["positions_BxT"][:, 0] > 0).sum())
+        n_mid += int((b.positions_BxT[:, 0] > 0).sum())
     assert n_checked > 3000 and n_mid > 10
+
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_training_and_validation_batches_give_each_target_the_same_goldfish_fate(mode):
+    # The loss over kept targets on validation batches must apply the mask training applies: with
+    # the same row context, every (document, position) target is dropped in both or in neither.
+    import jax
+
+    from gf_jax import GoldfishConfig, goldfish_mask
+
+    rng = np.random.default_rng(11)
+    docs = [rng.integers(4, 5000, size=int(n), dtype=np.int32) for n in rng.integers(20, 200, size=30)]
+    cfg = GoldfishConfig(k=4, h=13)
+    mask = jax.jit(lambda t, p, c: goldfish_mask(t, cfg, positions_BxT=p, context_BxC=c))
+
+    def fates(batches):
+        """(document, position) -> dropped, for every real target of the batches."""
+        out = {}
+        for b in batches:
+            drop_BxT = np.asarray(mask(b.targets_BxT, b.positions_BxT, b.context_BxC))
+            for r, c in zip(*np.nonzero(b.weights_BxT > 0)):
+                out[(int(b.doc_ids_BxT[r, c]), int(b.positions_BxT[r, c]))] = bool(drop_BxT[r, c])
+        return out
+
+    train = data.BatchIterator(docs, global_batch=4, seq_len=48, seed=2, mode=mode, prefetch=0, with_doc_ids=True,
+                               context=16)
+    trained = fates(train.batch(s) for s in range(-(-train.rows_per_epoch // 4)))
+    validated = fates(data.eval_batches(docs, global_batch=4, seq_len=48, mode=mode, context=16, with_doc_ids=True))
+    assert len(validated) == sum(len(d) - 1 for d in docs)
+    assert trained == validated
+    # Without the context, rows that start mid-document hash other windows: the fates differ.
+    blind = fates(data.eval_batches(docs, global_batch=4, seq_len=48, mode=mode, with_doc_ids=True))
+    assert blind != validated

@@ -48,16 +48,16 @@ def _overfit(model, batch, steps):
     @nnx.jit
     def step(model, optimizer, batch):
         def loss_fn(model):
-            logits = model(batch["inputs_BxT"], positions_BxT=batch["positions_BxT"],
-                           segment_ids_BxT=batch["segment_ids_BxT"]).astype(jnp.float32)
-            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets_BxT"][..., None], -1)[..., 0]
-            return jnp.sum(nll * batch["weights_BxT"]) / jnp.sum(batch["weights_BxT"])
+            logits = model(batch.inputs_BxT, positions_BxT=batch.positions_BxT,
+                           segment_ids_BxT=batch.segment_ids_BxT).astype(jnp.float32)
+            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch.targets_BxT[..., None], -1)[..., 0]
+            return jnp.sum(nll * batch.weights_BxT) / jnp.sum(batch.weights_BxT)
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
         return loss
 
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = jax.tree.map(jnp.asarray, batch.for_device())
     for _ in range(steps):
         loss = step(model, optimizer, batch)
     return float(loss)
@@ -172,9 +172,9 @@ def test_heldout_loss_matches_numpy(setup):
     loss, ppl = evaluate.heldout_loss(model, batches)
     total, count = 0.0, 0
     for b in batches:
-        nll = _numpy_nll_BxT(model, b["inputs_BxT"], b["targets_BxT"], b["positions_BxT"], b["segment_ids_BxT"])
-        total += float(np.sum(nll * b["weights_BxT"]))
-        count += int(b["weights_BxT"].sum())
+        nll = _numpy_nll_BxT(model, b.inputs_BxT, b.targets_BxT, b.positions_BxT, b.segment_ids_BxT)
+        total += float(np.sum(nll * b.weights_BxT))
+        count += int(b.weights_BxT.sum())
     assert count == sum(len(d) - 1 for d in docs)  # every target of every document, exactly once
     assert loss == pytest.approx(total / count, rel=1e-5)
     assert ppl == pytest.approx(np.exp(total / count), rel=1e-5)

@@ -19,6 +19,7 @@ from gf_jax import data as data_lib
 from gf_jax.checkpoint import load_model
 from gf_jax.config import load_config
 from gf_jax.distributed import DistributedConfig, plan
+from gf_jax.tokenizer import corpus_tokenizer
 from gf_jax.train import Trainer
 
 
@@ -113,7 +114,7 @@ def tokenizer_path(tmp_path_factory):
     """A 384-piece tokenizer trained once on the test documents (every process reads this file)."""
     config = load_config(TINY, SMALL)
     cache = str(tmp_path_factory.mktemp("tokenizers"))
-    return data_lib.load_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path
+    return corpus_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path
 
 
 def free_port() -> int:
@@ -187,7 +188,7 @@ def reference_run(config, n_processes: int, monkeypatch) -> str:
 
         def __next__(self):
             parts = [next(it) for it in self.iterators]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
         def get_state(self):
             return {"step": self.iterators[0].get_state()["step"]}

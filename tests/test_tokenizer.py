@@ -84,3 +84,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         tk.train_from_texts(small, 400, str(tmp_path / "o"))
     with pytest.raises(ValueError, match="raise data.vocab_size"):
         tk.train_from_texts(small, 262, str(tmp_path / "o"))
+
+
+def test_corpus_tokenizer_trains_on_the_train_split_without_canaries(tmp_path, trained):
+    from gf_jax import data
+
+    config = data.DataConfig(path=CORPUS, max_documents=300, validation_fraction=0.3, vocab_size=330,
+                             tokenizer_cache_dir=str(tmp_path), canary_path=os.path.join(
+                                 os.path.dirname(CORPUS), "wikitext2_valid.txt"), canary_repeats=2)
+    texts = data.train_texts(config)
+    train_ids = {d.id for d in data.load_documents(config, "train") if not d.id.startswith("canary/")}
+    assert texts == [d.text for d in data.read_background(config) if d.id in train_ids]
+    tok = tk.corpus_tokenizer(config)
+    assert tok.vocab_size == 330 and tok.path == tk.cached_tokenizer(texts, 330, str(tmp_path)).path
+    assert tk.corpus_tokenizer(config, texts[:100]).path != tok.path  # given texts replace the corpus
+    assert tk.corpus_tokenizer(config, texts[:100]).path == tk.cached_tokenizer(texts[:100], 330, str(tmp_path)).path
+    configured = data.DataConfig(**{**config.__dict__, "tokenizer": trained.path})
+    assert tk.corpus_tokenizer(configured).path == trained.path  # a configured model wins, nothing trains

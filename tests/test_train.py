@@ -19,13 +19,12 @@ from flax import nnx
 
 from gf_jax import data as data_lib
 from gf_jax import goldfish
-from gf_jax.batch import Batch
 from gf_jax.checkpoint import load_model
 from gf_jax.config import load_config
 from gf_jax.model import Transformer
 from gf_jax.sharding import MeshConfig, make_mesh
 from gf_jax.step import make_step_functions
-from gf_jax.tokenizer import Tokenizer
+from gf_jax.tokenizer import Tokenizer, corpus_tokenizer
 from gf_jax.train import NonFiniteLossError, Trainer, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +48,7 @@ def tokenizer_path(tmp_path_factory):
     """A 384-piece tokenizer trained once on the test documents."""
     config = load_config(TINY, SMALL)
     cache = str(tmp_path_factory.mktemp("tokenizers"))
-    tokenizer = data_lib.load_tokenizer(
+    tokenizer = corpus_tokenizer(
         data_lib.DataConfig(**{**config.data.__dict__, "tokenizer_cache_dir": cache})
     )
     return tokenizer.path
@@ -124,10 +123,10 @@ def test_logged_goldfish_metrics_match_the_batches(reference_run, tokenizer_path
     supervised, dropped_full, valid_full = 0, 0, 0
     for record in train:
         batch = next(it)
-        drop = np.asarray(goldfish.goldfish_mask(batch["targets_BxT"], config.goldfish,
-                                                 positions_BxT=batch["positions_BxT"],
-                                                 context_BxC=batch["context_BxC"]))
-        valid = batch["weights_BxT"] > 0
+        drop = np.asarray(goldfish.goldfish_mask(batch.targets_BxT, config.goldfish,
+                                                 positions_BxT=batch.positions_BxT,
+                                                 context_BxC=batch.context_BxC))
+        valid = batch.weights_BxT > 0
         n_dropped, n_valid = int((drop & valid).sum()), int(valid.sum())
         supervised += n_valid - n_dropped
         assert record["drop_fraction"] == pytest.approx(n_dropped / n_valid, abs=1e-6)
@@ -181,8 +180,7 @@ def _batches(config, n):
     tokenizer = Tokenizer.load(config.data.tokenizer)
     it = data_lib.make_train_iterator(config.data, tokenizer, global_batch=config.train.global_batch,
                                       seq_len=config.train.seq_len, prefetch=0)
-    return [{k: b[k] for k in ("inputs_BxT", "targets_BxT", "positions_BxT", "segment_ids_BxT", "weights_BxT")}
-            for b in (next(it) for _ in range(n))]
+    return [b._replace(context_BxC=None, doc_ids_BxT=None) for b in (next(it) for _ in range(n))]
 
 
 def _run_steps(config, mesh, host_state, batches):
@@ -192,7 +190,7 @@ def _run_steps(config, mesh, host_state, batches):
     out = []
     for batch in batches:
         model_state, opt_state, metrics = fns.train_step(
-            model_state, opt_state, Batch(**data_lib.to_global_batch(batch, fns.batch_sharding))
+            model_state, opt_state, data_lib.to_global_batch(batch, fns.batch_sharding)
         )
         out.append(jax.device_get(metrics))
     return out, jax.device_get(model_state)
@@ -226,9 +224,9 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer_path, tmp_path):
     batches = _batches(base, 2)
     # Blank out most of micro-batch 0 (rows 0, 2, 4, 6) so the two micro-batches keep very
     # different numbers of targets: a mean of per-micro-batch means would then be wrong.
-    for batch in batches:
-        batch["weights_BxT"] = batch["weights_BxT"].copy()
-        batch["weights_BxT"][0::2, 4:] = 0.0
+    for i, batch in enumerate(batches):
+        batches[i] = batch._replace(weights_BxT=batch.weights_BxT.copy())
+        batches[i].weights_BxT[0::2, 4:] = 0.0
     host_state = jax.device_get(make_step_functions(base, _one_device()).init())
     big, big_params = _run_steps(base, _one_device(), host_state, batches)
     accumulated, acc_params = _run_steps(
@@ -243,10 +241,10 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer_path, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
     # The micro-batches really are unequal, so the test would catch per-micro-batch averaging.
-    drop = np.asarray(goldfish.goldfish_mask(batches[0]["targets_BxT"], base.goldfish,
-                                             positions_BxT=batches[0]["positions_BxT"],
-                                             context_BxC=batches[0].get("context_BxC")))
-    kept = (batches[0]["weights_BxT"] > 0) & ~drop
+    drop = np.asarray(goldfish.goldfish_mask(batches[0].targets_BxT, base.goldfish,
+                                             positions_BxT=batches[0].positions_BxT,
+                                             context_BxC=batches[0].context_BxC))
+    kept = (batches[0].weights_BxT > 0) & ~drop
     assert kept[0::2].sum() * 3 < kept[1::2].sum()
 
 

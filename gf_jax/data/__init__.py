@@ -1,0 +1,53 @@
+"""Documents in, batches out: text/JSONL/TFDS sources, canaries, packing with positions, per-host input.
+
+Pipeline::
+
+    DataConfig -> document stream (stable ids, optional canary copies) -> this process's share
+               -> tokens (BOS/EOS) -> rows of T+1 tokens (packed, or one document per row)
+               -> local ``Batch`` (numpy) -> ``to_global_batch`` -> ``Batch`` of jax.Arrays on the mesh
+
+Batches are ``gf_jax.batch.Batch``: ``inputs_BxT``, ``targets_BxT``, ``positions_BxT`` (index of
+the input token in its document; a row that starts mid-document carries the true positions),
+``segment_ids_BxT`` (1, 2, ... per document in the row, 0 = padding), ``weights_BxT`` (0 for
+padding and for targets that cross a document boundary), ``context_BxC`` (the targets before a
+row's first column, C = ``row_context``) and, on the host only, ``doc_ids_BxT``.
+
+Why plain numpy rather than grain: every row is computed by index arithmetic from
+(seed, epoch, row), so batch ``s`` is a pure function of ``(seed, s)``, resuming is "set the step",
+and a document split across rows keeps its true positions (grain's packing transforms restart
+positions in every row and carry an opaque iterator state).
+
+Modules, one concern each: ``config`` (DataConfig), ``sources`` (readers, Document),
+``canaries`` (the stream with canary copies), ``splits`` (train/validation, per-process shares),
+``tokens`` (tokenizing and fit checks), ``packing`` (rows and Batch assembly), ``iterator``
+(BatchIterator), ``evaluation`` (eval_batches), ``pipeline`` (config to iterator, to the mesh).
+A tokenizer trained on the configured corpus: ``gf_jax.tokenizer.corpus_tokenizer``.
+"""
+
+from gf_jax.data.canaries import CANARY_PREFIX, DocumentStream, canary_plan, document_stream, load_canaries
+from gf_jax.data.config import MODES, SOURCES, SPLIT_RULES, DataConfig
+from gf_jax.data.evaluation import eval_batches
+from gf_jax.data.iterator import BatchIterator
+from gf_jax.data.packing import assemble_rows, rows_per_epoch, unpack_batch
+from gf_jax.data.pipeline import make_train_iterator, to_global_batch
+from gf_jax.data.sources import (
+    Document,
+    TfdsDocuments,
+    read_background,
+    read_jsonl_documents,
+    read_text_documents,
+    split_blank_lines,
+    split_wikitext,
+)
+from gf_jax.data.splits import load_documents, process_share, split_of, train_texts
+from gf_jax.data.tokens import check_documents_long_enough, check_vocab_fits, tokenize_documents
+
+__all__ = [
+    "CANARY_PREFIX", "MODES", "SOURCES", "SPLIT_RULES",
+    "DataConfig", "Document", "DocumentStream", "TfdsDocuments", "BatchIterator",
+    "read_text_documents", "read_jsonl_documents", "read_background", "split_blank_lines", "split_wikitext",
+    "load_canaries", "canary_plan", "document_stream",
+    "split_of", "process_share", "load_documents", "train_texts",
+    "tokenize_documents", "check_vocab_fits", "check_documents_long_enough",
+    "assemble_rows", "rows_per_epoch", "unpack_batch", "eval_batches", "make_train_iterator", "to_global_batch",
+]

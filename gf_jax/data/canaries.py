@@ -1,0 +1,98 @@
+"""Canaries: documents inserted ``canary_repeats`` times at seeded places into the training stream.
+
+``document_stream(config)`` is the stream every process cuts its share from; its
+``canary_record`` says where each copy went. Held-out canaries (after ``canary_count``) are the
+non-members of a membership test and never enter the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from gf_jax.data.config import DataConfig
+from gf_jax.data.sources import Document, read_background, read_jsonl_documents, read_text_documents
+
+CANARY_PREFIX = "canary/"
+
+
+def load_canaries(config: DataConfig) -> tuple[list[Document], list[Document]]:
+    """(injected, held_out) canary documents, ids prefixed with ``canary/``.
+
+    The first ``canary_count`` documents of ``canary_path`` are injected (members); the rest are
+    held out (non-members of the same distribution). Empty lists when no canary path is set.
+    """
+    if not config.canary_path:
+        return [], []
+    if config.canary_path.endswith(".jsonl"):
+        docs = read_jsonl_documents(config.canary_path, config.text_field, config.id_field)
+    else:
+        docs = read_text_documents(config.canary_path, config.canary_split_rule)
+    if not docs:
+        raise ValueError(f"no canary documents found in {config.canary_path!r}; check data.canary_path.")
+    docs = [Document(CANARY_PREFIX + d.id, d.text) for d in docs]
+    count = len(docs) if config.canary_count is None else config.canary_count
+    if not 0 <= count <= len(docs):
+        raise ValueError(f"data.canary_count={config.canary_count} but {config.canary_path!r} has only "
+                         f"{len(docs)} documents; lower data.canary_count.")
+    return docs[:count], docs[count:]
+
+
+def canary_plan(num_background: int, num_canaries: int, repeats: int, seed: int) -> np.ndarray:
+    """Stream layout: entry ``j >= 0`` is background document j (in order); ``-(c+1)`` is canary c.
+
+    Each canary appears ``repeats`` times at uniformly random places (seeded); the background
+    keeps its order.
+    """
+    total = num_background + num_canaries * repeats
+    rng = np.random.default_rng([seed, 0xCA7A21])
+    plan = np.empty(total, np.int64)
+    is_canary = np.zeros(total, bool)
+    is_canary[rng.choice(total, size=num_canaries * repeats, replace=False)] = True
+    plan[~is_canary] = np.arange(num_background)
+    plan[is_canary] = -1 - rng.permutation(np.repeat(np.arange(num_canaries), repeats))
+    return plan
+
+
+class DocumentStream(Sequence):
+    """The training stream: background documents with canary copies inserted (lazily indexed).
+
+    ``canary_record`` maps each injected canary id to its stream indices (``repeats`` of them).
+    """
+
+    def __init__(self, background: Sequence[Document], canaries: Sequence[Document] = (), repeats: int = 0,
+                 seed: int = 0):
+        self.background = background
+        self.canaries = list(canaries) if repeats else []
+        self.plan = canary_plan(len(background), len(self.canaries), repeats, seed) if self.canaries else None
+        self.canary_record: dict[str, list[int]] = {}
+        if self.plan is not None:
+            for where in np.flatnonzero(self.plan < 0):
+                self.canary_record.setdefault(self.canaries[-1 - self.plan[where]].id, []).append(int(where))
+
+    def __len__(self) -> int:
+        return len(self.background) if self.plan is None else len(self.plan)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.get_many(range(*index.indices(len(self))))
+        j = index if self.plan is None else int(self.plan[index])
+        return self.background[j] if j >= 0 else self.canaries[-1 - j]
+
+    def get_many(self, indices: Sequence[int]) -> list[Document]:
+        """Documents at ``indices``, reading background records in one call where the source allows."""
+        indices = [int(i) for i in indices]
+        refs = indices if self.plan is None else [int(self.plan[i]) for i in indices]
+        wanted = [j for j in refs if j >= 0]
+        if hasattr(self.background, "get_many"):
+            fetched = dict(zip(wanted, self.background.get_many(wanted)))
+        else:
+            fetched = {j: self.background[j] for j in wanted}
+        return [fetched[j] if j >= 0 else self.canaries[-1 - j] for j in refs]
+
+
+def document_stream(config: DataConfig) -> DocumentStream:
+    """Background documents of ``config`` with its canaries injected (every split)."""
+    injected, _ = load_canaries(config)
+    return DocumentStream(read_background(config), injected, config.canary_repeats, config.canary_seed)

@@ -1,0 +1,103 @@
+"""``DataConfig``: where the text comes from and how it becomes batches, with its own checks.
+
+Checks that involve other config sections (``train``, ``goldfish``) live in
+``gf_jax.config.validate``, the one place for cross-section rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SOURCES = ("text", "jsonl", "tfds")
+SPLIT_RULES = ("file", "blank_line", "wikitext")
+MODES = ("packed", "document")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches.
+
+    Attributes:
+      source: ``text`` (a file or a folder of ``.txt``), ``jsonl`` (a file or folder of ``.jsonl``)
+        or ``tfds`` (a prepared tensorflow-datasets dataset, read with ``tfds.data_source``).
+      path: file or folder of the text/jsonl source.
+      split_rule: text sources: ``file`` (one document per file), ``blank_line`` (documents
+        separated by blank lines) or ``wikitext`` (an article per `` = Title = `` heading).
+      text_field, id_field: JSONL keys of the text and (optional) stable document id.
+      tfds_name, tfds_split, tfds_data_dir, tfds_text_feature: the TFDS dataset (``tfds_split``
+        accepts slicing such as ``train[:1%]``; ``tfds_data_dir`` may be a ``gs://`` bucket).
+        ``id_field`` names an id feature there too.
+      tokenizer: a sentencepiece ``.model``; None trains one on the corpus (cached; see
+        ``gf_jax.tokenizer.corpus_tokenizer``).
+      vocab_size: size of that trained tokenizer.
+      tokenizer_cache_dir: where trained tokenizers are cached (keyed by corpus content).
+      add_bos, add_eos: frame each document with BOS/EOS.
+      mode: ``packed`` (documents concatenated into rows of T+1 tokens) or ``document`` (one
+        document, or one piece of a long one, per row, padded).
+      seed: shuffling seed (documents and rows, new order every epoch).
+      shuffle: False packs documents in stream order and serves rows in order.
+      validation_fraction: share of documents (chosen by a hash of their id, independent of the
+        seed) held out as the ``validation`` split. Canaries are never held out.
+      max_documents: keep only the first N documents of the source.
+      canary_path: text file (split by ``canary_split_rule``) or ``.jsonl`` (``text_field``) whose
+        documents are the canaries.
+      canary_count: inject only the first N canaries (None: all); the rest are held-out canaries,
+        the non-members of a membership test.
+      canary_repeats: copies of each injected canary inserted into the stream (0: no canaries).
+      canary_seed: seed of the insertion places (independent of ``seed``).
+      row_context: each batch carries ``context_BxC`` (C = row_context): the targets that precede
+        a row's first column in its document, so the goldfish hash of a row that starts
+        mid-document sees its whole window instead of dropping its first h targets. Keep it
+        >= goldfish.h (0: no context).
+    """
+
+    source: str = "text"
+    path: str = "data/tinyshakespeare.txt"
+    # Tiny Shakespeare is one file: blank-line splitting makes its ~7k speeches the documents.
+    split_rule: str = "blank_line"
+    text_field: str = "text"
+    id_field: str | None = None
+    tfds_name: str = ""
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
+    tfds_text_feature: str = "text"
+    tokenizer: str | None = None
+    vocab_size: int = 512
+    tokenizer_cache_dir: str = ".cache/tokenizers"
+    add_bos: bool = True
+    add_eos: bool = True
+    mode: str = "packed"
+    seed: int = 0
+    shuffle: bool = True
+    validation_fraction: float = 0.0
+    max_documents: int | None = None
+    canary_path: str | None = None
+    canary_split_rule: str = "wikitext"
+    canary_count: int | None = None
+    canary_repeats: int = 0
+    canary_seed: int = 0
+    row_context: int = 32
+
+    def __post_init__(self):
+        check_choice("data.source", self.source, SOURCES)
+        check_choice("data.split_rule", self.split_rule, SPLIT_RULES)
+        check_choice("data.canary_split_rule", self.canary_split_rule, SPLIT_RULES)
+        check_choice("data.mode", self.mode, MODES)
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1).")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"data.max_documents={self.max_documents} must be >= 1 or null.")
+        if self.canary_repeats < 0:
+            raise ValueError(f"data.canary_repeats={self.canary_repeats} must be >= 0.")
+        if self.row_context < 0:
+            raise ValueError(f"data.row_context={self.row_context} must be >= 0 (0: no row context).")
+        if self.canary_repeats > 0 and not self.canary_path:
+            raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
+        if self.source == "tfds" and not self.tfds_name:
+            raise ValueError("data.source=tfds needs data.tfds_name (e.g. 'wikipedia/20230601.en').")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raises a one-sentence error if ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}; pick one of those.")

@@ -1,0 +1,218 @@
+"""``BatchIterator``: infinite, deterministic, resumable batches of one process, prefetched.
+
+Every row is computed by index arithmetic from (seed, epoch, row), so batch ``s`` is a pure
+function of ``(seed, s)`` and resuming is "set the step". A background thread computes the next
+batches; that is all the host work there is, because tokenization happens once up front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import weakref
+from typing import Any, Sequence
+
+import numpy as np
+
+from gf_jax.batch import Batch
+from gf_jax.data.config import MODES, check_choice
+from gf_jax.data.packing import RowLayout, assemble_rows
+from gf_jax.data.sources import Document
+
+
+def default_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(process index, process count), defaulting to ``jax.process_index()`` / ``jax.process_count()``."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+class BatchIterator:
+    """Infinite, deterministic, resumable batches (``Batch`` of numpy arrays) of one process.
+
+    Args:
+      tokens: this process's documents as token arrays (``make_train_iterator`` gives each
+        process its share of the stream; see ``process_share``).
+      global_batch: rows per step over all processes; this process yields
+        ``global_batch // process_count`` of them.
+      seq_len: T (rows hold T+1 tokens).
+      seed: shuffle seed; batch ``s`` is a pure function of (seed, s, process_index, data).
+      process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+      mode: ``packed`` or ``document``.
+      pad_id: id written in padding.
+      shuffle: new document and row order each epoch (False: stream order).
+      prefetch: batches computed ahead on a background thread (0: none).
+      with_doc_ids: fill ``doc_ids_BxT`` (index into ``tokens`` of each input, -1 = padding).
+      context: C, the width of each batch's ``context_BxC`` (0: none; see ``DataConfig.row_context``).
+      documents: optional, the ``Document`` of each token array (so ``documents[doc_ids_BxT]``
+        names what a row holds); kept as the ``documents`` attribute.
+
+    ``get_state()`` is ``{"step": s, "fingerprint": ...}``; ``set_state`` resumes exactly there.
+    """
+
+    def __init__(self, tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: int, seed: int = 0,
+                 process_index: int | None = None, process_count: int | None = None, mode: str = "packed",
+                 pad_id: int = 0, shuffle: bool = True, prefetch: int = 2, with_doc_ids: bool = False,
+                 context: int = 0, documents: Sequence[Document] | None = None):
+        check_choice("mode", mode, MODES)
+        self.process_index, self.process_count = default_process(process_index, process_count)
+        if global_batch % self.process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {self.process_count} "
+                             "processes; make train.global_batch a multiple of the process count.")
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be >= 1.")
+        if documents is not None and len(documents) != len(tokens):
+            raise ValueError(f"got {len(documents)} documents for {len(tokens)} token arrays; pass one per array.")
+        self.tokens = [np.asarray(t, np.int32) for t in tokens]
+        self.documents = list(documents) if documents is not None else None
+        self.lengths = np.array([len(t) for t in self.tokens], np.int64)
+        if not len(self.tokens) or self.lengths.sum() < 2 or (mode == "document" and self.lengths.max() < 2):
+            raise ValueError(f"process {self.process_index} has no document with at least 2 tokens to train on; "
+                             "use more (or longer) documents or fewer processes.")
+        self.global_batch, self.local_batch, self.seq_len = global_batch, global_batch // self.process_count, seq_len
+        self.seed, self.mode, self.pad_id, self.shuffle = int(seed), mode, int(pad_id), bool(shuffle)
+        self.with_doc_ids, self.prefetch, self.context = with_doc_ids, int(prefetch), int(context)
+        self.rows_per_epoch = self._layout(0).num_rows
+        self._epoch_cache: dict[int, tuple[RowLayout, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._step = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        """Hash of what decides the batches (not ``context``, which only adds a field): a resumed
+        run with another value here would silently see other batches."""
+        h = hashlib.sha256(self.lengths.tobytes())
+        h.update(repr((self.seed, self.process_index, self.process_count, self.global_batch, self.seq_len,
+                       self.mode, self.shuffle)).encode())
+        return h.hexdigest()[:16]
+
+    # -- pure part ---------------------------------------------------------------------------
+    def _rng(self, epoch: int, tag: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.process_index, epoch, tag])
+
+    def _layout(self, epoch: int) -> RowLayout:
+        n = len(self.tokens)
+        order = self._rng(epoch, 1).permutation(n) if self.shuffle else np.arange(n)
+        return RowLayout(self.lengths, order, self.seq_len, self.mode)
+
+    def _epoch(self, epoch: int) -> tuple[RowLayout, np.ndarray]:
+        with self._lock:  # the prefetch thread and direct batch() calls share the cache
+            if epoch not in self._epoch_cache:
+                layout = self._layout(epoch)
+                n = layout.num_rows
+                rows = self._rng(epoch, 2).permutation(n) if self.shuffle else np.arange(n)
+                if len(self._epoch_cache) >= 2:
+                    self._epoch_cache.pop(min(self._epoch_cache))
+                self._epoch_cache[epoch] = (layout, rows)
+            return self._epoch_cache[epoch]
+
+    def epoch_of(self, step: int) -> int:
+        """Epoch (pass over this process's documents) that the first row of ``step`` belongs to."""
+        return step * self.local_batch // self.rows_per_epoch
+
+    def batch(self, step: int) -> Batch:
+        """The local batch of ``step`` (random access, thread-safe)."""
+        rows = []
+        for g in range(step * self.local_batch, (step + 1) * self.local_batch):
+            layout, perm = self._epoch(g // self.rows_per_epoch)
+            rows.append(layout.row(int(perm[g % self.rows_per_epoch])))
+        return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids, self.context)
+
+    # -- iteration, prefetch and state --------------------------------------------------------
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        if self.prefetch <= 0:
+            out = self.batch(self._step)
+        else:
+            if self._thread is None:
+                self._start()
+            step, out = self._queue.get()
+            if isinstance(out, BaseException):
+                self._thread = None
+                raise out
+            assert step == self._step, (step, self._step)
+        self._step += 1
+        return out
+
+    def _start(self):
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        # The thread holds only a weak reference, so an iterator dropped without close() is
+        # collected and its thread ends instead of waiting forever on a full queue.
+        self._thread = threading.Thread(target=_produce, args=(weakref.ref(self), self._step, self._stop, self._queue),
+                                        daemon=True, name="gf_jax-data-prefetch")
+        self._thread.start()
+
+    def close(self):
+        """Stops the prefetch thread (iteration can continue; it restarts on demand)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self._stop.set()
+        except Exception:
+            pass
+
+    @property
+    def step(self) -> int:
+        """Steps consumed so far (the next batch is ``batch(step)``)."""
+        return self._step
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state for checkpoints."""
+        return {"step": int(self._step), "fingerprint": self.fingerprint}
+
+    def set_state(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Resume: the next batch is the one an uninterrupted run sees at ``state["step"]``.
+
+        With ``strict`` a state saved for other data or settings (documents, seed, batch, T,
+        processes) is refused, because resuming it would silently change the batches.
+        """
+        fp = state.get("fingerprint")
+        if strict and fp is not None and fp != self.fingerprint:
+            raise ValueError("the data iterator state in the checkpoint was saved for different data or settings "
+                             "(documents, seed, batch size, seq_len or process count); resume with the same data "
+                             "config, or pass strict=False to accept different batches.")
+        self.close()
+        self._step = int(state["step"])
+
+
+def _produce(ref, step: int, stop: threading.Event, q: queue.Queue):
+    """Prefetch loop: computes batches step, step+1, ... into ``q`` until stopped or orphaned."""
+    while not stop.is_set():
+        it = ref()
+        if it is None:
+            return
+        try:
+            item = (step, it.batch(step))
+        except BaseException as e:  # surfaced in the consumer's next()
+            item = (step, e)
+        del it
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                if ref() is None:
+                    return
+        if isinstance(item[1], BaseException):
+            return
+        step += 1

@@ -1,0 +1,48 @@
+"""From a ``DataConfig`` to this process's training batches, and from local batches to the mesh."""
+
+from __future__ import annotations
+
+from gf_jax.batch import Batch
+from gf_jax.data.canaries import document_stream
+from gf_jax.data.config import DataConfig
+from gf_jax.data.iterator import BatchIterator, default_process
+from gf_jax.data.sources import read_in_chunks
+from gf_jax.data.splits import process_share, split_of
+from gf_jax.data.tokens import tokenize_documents
+
+
+def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len: int, split: str = "train",
+                        process_index: int | None = None, process_count: int | None = None, prefetch: int = 2,
+                        with_doc_ids: bool = False) -> BatchIterator:
+    """Training (or validation) batches of this process, from its share of the document stream.
+
+    The process reads and tokenizes only its contiguous share of the stream (canaries included),
+    then keeps the documents of ``split``. The iterator's ``documents`` are that local
+    ``Document`` list, aligned with ``doc_ids_BxT``. Where the canary copies sit in the stream:
+    ``document_stream(config).canary_record``.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"split={split!r} must be 'train' or 'validation'.")
+    if split == "validation" and config.validation_fraction <= 0:
+        raise ValueError("split='validation' needs data.validation_fraction > 0.")
+    pi, pc = default_process(process_index, process_count)
+    stream = document_stream(config)
+    share = process_share(len(stream), pi, pc)
+    docs = [d for chunk in read_in_chunks(stream, share) for d in chunk
+            if split_of(d.id, config.validation_fraction) == split]
+    if not docs:
+        raise ValueError(f"process {pi} of {pc} got no {split} documents out of {len(stream)}; use more documents, "
+                         "fewer processes or a larger data.validation_fraction.")
+    tokens = tokenize_documents(docs, tokenizer, config.add_bos, config.add_eos)
+    return BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed, process_index=pi,
+                         process_count=pc, mode=config.mode, pad_id=tokenizer.pad_id, shuffle=config.shuffle,
+                         prefetch=prefetch, with_doc_ids=with_doc_ids, context=config.row_context, documents=docs)
+
+
+def to_global_batch(local_batch: Batch, sharding) -> Batch:
+    """The global ``Batch`` of ``jax.Array``s from each process's local rows (batch dim split over
+    processes by ``sharding``). Document ids stay on the host: the result has none."""
+    import jax
+
+    # None fields (no row context, no document ids) are empty subtrees: tree.map keeps them None.
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local_batch.for_device())

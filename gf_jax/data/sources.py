@@ -1,0 +1,222 @@
+"""Readers of the three sources (text, JSONL, TFDS) into ``Document``s with stable ids.
+
+A document id is the same in every run on the same data (``relpath#k``, ``relpath:line``, an
+id field, or ``name/split#index``): splits, canary records and evaluation all key on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from gf_jax.data.config import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One document: a stable id (same in every run on the same data) and its text."""
+
+    id: str
+    text: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: splitting a file into documents.
+
+_WIKITEXT_TITLE = re.compile(r"\s*=\s+[^=\s](?:.*[^=\s])?\s+=\s*")  # " = Title = ", not " = = S = = "
+
+
+def split_blank_lines(text: str) -> list[str]:
+    """Documents separated by one or more blank lines (whitespace-only lines count as blank)."""
+    parts = re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))
+    return [p.strip("\n") for p in parts if p.strip()]
+
+
+def split_wikitext(text: str) -> list[str]:
+    """WikiText articles: each starts at a `` = Title = `` line (section lines `` = = S = = `` do not
+    start one); text before the first title, if any, is a document of its own."""
+    docs: list[list[str]] = [[]]
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if _WIKITEXT_TITLE.fullmatch(line):
+            docs.append([])
+        docs[-1].append(line)
+    out = ["\n".join(lines).strip() for lines in docs]
+    return [d for d in out if d]
+
+
+def _split(text: str, rule: str) -> list[str]:
+    if rule == "file":
+        return [text] if text.strip() else []
+    if rule == "blank_line":
+        return split_blank_lines(text)
+    return split_wikitext(text)
+
+
+def _files(path: str, suffix: str, what: str) -> tuple[list[str], str]:
+    """Files of a source path (a file, or a folder searched recursively), and the id root."""
+    if os.path.isfile(path):
+        return [path], os.path.dirname(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
+        if not files:
+            raise ValueError(f"the folder {path!r} has no {suffix} files; point data.path at a {what} file or folder.")
+        return files, path
+    raise FileNotFoundError(f"data path {path!r} does not exist; set data.path to a {what} file or folder.")
+
+
+def read_text_documents(path: str, split_rule: str) -> list[Document]:
+    """Documents of a text file or folder of ``.txt`` files, ids ``relpath`` or ``relpath#k``."""
+    files, root = _files(path, ".txt", "text")
+    docs = []
+    for f in files:
+        rel = os.path.relpath(f, root) if root else os.path.basename(f)
+        with open(f, encoding="utf-8-sig", errors="replace") as fh:
+            parts = _split(fh.read(), split_rule)
+        for k, text in enumerate(parts):
+            docs.append(Document(rel if split_rule == "file" else f"{rel}#{k}", text))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL.
+
+
+def read_jsonl_documents(path: str, text_field: str, id_field: str | None) -> list[Document]:
+    """Documents of a JSONL file or folder; ids from ``id_field`` or ``relpath:line``."""
+    files, root = _files(path, ".jsonl", "JSONL")
+    docs = []
+    for f in files:
+        rel = os.path.relpath(f, root) if root else os.path.basename(f)
+        with open(f, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                record = _jsonl_record(line, f"{f}:{line_no}", text_field, id_field)
+                doc_id = str(record[id_field]) if id_field is not None else f"{rel}:{line_no}"
+                if record[text_field].strip():
+                    docs.append(Document(doc_id, record[text_field]))
+    return docs
+
+
+def _jsonl_record(line: str, where: str, text_field: str, id_field: str | None) -> dict:
+    """One JSONL line as a dict with a string ``text_field`` (and ``id_field``), or a one-sentence error."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}); fix or delete that line.") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: no string field {text_field!r} (found {keys}); set "
+                         "data.text_field to the key that holds the text.")
+    if id_field is not None and id_field not in record:
+        raise ValueError(f"{where}: no id field {id_field!r}; set data.id_field to an existing key or to null.")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS.
+
+
+class TfdsDocuments(Sequence):
+    """Random-access documents of a prepared TFDS dataset (ArrayRecord, no TensorFlow needed).
+
+    Only the records asked for are read, so each host of a pod reads just its share.
+    Ids: the ``id_field`` feature if given, else ``name/split#index``.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None, text_feature: str,
+                 id_field: str | None = None, max_documents: int | None = None):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises several types (not found, bad split, no ArrayRecord)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} split {split!r} could not be opened in data_dir {data_dir!r} "
+                f"({first}); prepare it in ArrayRecord format there or fix data.tfds_*."
+            ) from None
+        self.name, self.split, self.text_feature, self.id_field = name, split, text_feature, id_field
+        self._len = len(self._source) if max_documents is None else min(max_documents, len(self._source))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _document(self, index: int, record: dict) -> Document:
+        if self.text_feature not in record:
+            raise ValueError(f"TFDS dataset {self.name!r} has no feature {self.text_feature!r} (it has "
+                             f"{sorted(record)}); set data.tfds_text_feature.")
+        if self.id_field is not None and self.id_field not in record:
+            raise ValueError(f"TFDS dataset {self.name!r} has no feature {self.id_field!r}; set data.id_field "
+                             "to an existing feature or to null.")
+        text = _to_str(record[self.text_feature])
+        doc_id = _to_str(record[self.id_field]) if self.id_field else f"{self.name}/{self.split}#{index}"
+        return Document(doc_id, text)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.get_many(range(*index.indices(len(self))))
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        return self._document(index, self._source[index])
+
+    def get_many(self, indices: Sequence[int]) -> list[Document]:
+        indices = [int(i) for i in indices]
+        records = self._source.__getitems__(indices) if indices else []
+        return [self._document(i, r) for i, r in zip(indices, records)]
+
+
+def _to_str(value) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+        return _to_str(value.item())
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The configured source.
+
+
+def read_background(config: DataConfig) -> Sequence[Document]:
+    """The source's documents (no canaries, all splits), in source order, at most ``max_documents``."""
+    if config.source == "tfds":
+        return TfdsDocuments(config.tfds_name, config.tfds_split, config.tfds_data_dir, config.tfds_text_feature,
+                             config.id_field, config.max_documents)
+    if config.source == "jsonl":
+        docs = read_jsonl_documents(config.path, config.text_field, config.id_field)
+    else:
+        docs = read_text_documents(config.path, config.split_rule)
+    docs = docs[: config.max_documents] if config.max_documents else docs
+    if not docs:
+        raise ValueError(f"no documents found in {config.path!r} (source {config.source}, split rule "
+                         f"{config.split_rule}); check data.path and data.split_rule.")
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"document id {dup!r} occurs more than once in {config.path!r}; give data.id_field "
+                         "unique values or set it to null.")
+    return docs
+
+
+def read_in_chunks(docs: Sequence[Document], indices: Sequence[int], size: int = 4096) -> Iterator[list[Document]]:
+    """Documents at ``indices`` in chunks (one read per chunk on random-access sources), with a
+    progress bar on large reads."""
+    bar = None
+    if len(indices) > 5 * size:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc="reading documents", unit="doc", file=sys.stderr)
+    for start in range(0, len(indices), size):
+        part = indices[start:start + size]
+        yield docs.get_many(part) if hasattr(docs, "get_many") else [docs[i] for i in part]
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
