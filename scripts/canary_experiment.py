@@ -1,2 +1,5 @@
 """Same as ``python -m gf_jax.experiments canary`` (see gf_jax/experiments/canary.py)."""
-from gf_jax.experiments.canary import main; main()  # noqa: E702
+
+from gf_jax.experiments.canary import main
+
+main()

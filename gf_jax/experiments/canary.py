@@ -29,7 +29,7 @@ import math
 import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from gf_jax.distributed import is_main_process
 from gf_jax.experiments import cli, corpus, evaluation, tables
@@ -96,7 +96,8 @@ class CanaryExperiment:
         if not self.epochs > 0:
             raise ValueError(f"experiment.epochs must be > 0, got {self.epochs}.")
         if self.canary_format not in CANARY_FORMATS:
-            raise ValueError(f"experiment.canary_format={self.canary_format!r}; use one of {', '.join(CANARY_FORMATS)}.")
+            raise ValueError(f"experiment.canary_format={self.canary_format!r}; "
+                             f"use one of {', '.join(CANARY_FORMATS)}.")
         bad = [a for a in self.arms if a not in ("standard", "control") and not re.fullmatch(r"k([2-9]|[1-9]\d+)", a)]
         if bad or not self.arms:
             raise ValueError(f"experiment.arms has {bad[0] if bad else 'no arm'}; use standard, control or k<N> "
@@ -254,7 +255,8 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
             "config_file": os.path.relpath(path, REPO), "parameters": param_count(base.model),
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.path, **plan,
             "canary_ids": [d.id for d in injected], "heldout_canary_ids": [d.id for d in held_out]}
-    where = stream_description(meta, exp) if plan["stream_tokens"] else f"the background stream ({plan['steps']} steps given)"
+    where = (stream_description(meta, exp) if plan["stream_tokens"]
+             else f"the background stream ({plan['steps']} steps given)")
     say(f"[canary] {len(injected)} canaries of {exp.canary_tokens} tokens x {exp.repeats} in {where}; "
         f"{plan['steps']} steps of {base.train.global_batch} x {base.train.seq_len}; arms: {', '.join(exp.arms)}; "
         f"model {meta['parameters']:,} parameters; output {out}")

@@ -3,7 +3,7 @@ of tokens, their token ids as the pipeline frames them, and rows per pass."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -7,7 +7,7 @@ import datetime
 import json
 import os
 import platform
-from typing import Sequence
+from collections.abc import Sequence
 
 from gf_jax import rundir
 from gf_jax.distributed import is_main_process

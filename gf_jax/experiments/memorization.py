@@ -30,7 +30,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from gf_jax.distributed import is_main_process
 from gf_jax.experiments import cli, corpus, evaluation, tables

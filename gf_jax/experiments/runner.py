@@ -4,7 +4,7 @@ rewriting the result files after every arm."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from gf_jax.distributed import is_main_process
 from gf_jax.experiments.arms import Arm

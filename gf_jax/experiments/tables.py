@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from gf_jax import report, rundir
 from gf_jax.experiments.io import write_json
