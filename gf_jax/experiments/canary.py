@@ -247,9 +247,11 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     data.check_vocab_fits(tokenizer, base.model.vocab_size)
     injected, held_out = data.load_canaries(data_config)
     canary_tokens = corpus.document_tokens(injected, tokenizer, data_config)
+    # Held-out canaries are the MIA non-members; background validation documents give the held-out loss.
     eval_docs = evaluation.EvalDocuments(
-        [d.id for d in injected], canary_tokens, corpus.document_tokens(held_out, tokenizer, data_config),
-        corpus.document_tokens(validation_documents(data_config, exp.val_docs), tokenizer, data_config))
+        member_ids=[d.id for d in injected], member_tokens=canary_tokens,
+        nonmember_tokens=corpus.document_tokens(held_out, tokenizer, data_config),
+        heldout_tokens=corpus.document_tokens(validation_documents(data_config, exp.val_docs), tokenizer, data_config))
     plan = stream_plan(exp, base, data_config, tokenizer, canary_tokens)
     meta = {**provenance(command or cli.script_command(), argv), "preset": preset,
             "config_file": os.path.relpath(path, REPO), "parameters": param_count(base.model),

@@ -230,7 +230,9 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     docs = {"members": [d.id for d in members], "control": [d.id for d in control], "heldout": [d.id for d in heldout]}
     member_tokens = corpus.document_tokens(members, tokenizer, base.data)
     heldout_tokens = corpus.document_tokens(heldout, tokenizer, base.data)
-    eval_docs = evaluation.EvalDocuments(docs["members"], member_tokens, heldout_tokens, heldout_tokens)
+    # The held-out documents are both the MIA non-members and the held-out loss's documents.
+    eval_docs = evaluation.EvalDocuments(member_ids=docs["members"], member_tokens=member_tokens,
+                                         nonmember_tokens=heldout_tokens, heldout_tokens=heldout_tokens)
     n_rows = corpus.rows_per_epoch(member_tokens, base.train.seq_len, base.data.mode)
     steps = max(1, math.ceil(exp.epochs * n_rows / base.train.global_batch))
     meta = {**provenance(command or cli.script_command(), argv), "preset": preset,
