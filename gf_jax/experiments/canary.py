@@ -162,23 +162,6 @@ def prepare(base, exp: CanaryExperiment, out: str):
     return tokenizer, data_config
 
 
-def validation_documents(data_config, limit: int, scan: int = 200_000) -> list:
-    """The first ``limit`` background documents of the validation split (scanning at most ``scan``)."""
-    from gf_jax import data
-
-    if limit == 0 or data_config.validation_fraction <= 0:
-        return []
-    background = data.read_background(data_config)
-    found = []
-    for start in range(0, min(len(background), scan), 1024):
-        indices = range(start, min(start + 1024, len(background)))
-        chunk = background.get_many(indices) if hasattr(background, "get_many") else [background[i] for i in indices]
-        found += [d for d in chunk if data.split_of(d.id, data_config.validation_fraction) == "validation"]
-        if len(found) >= limit:
-            break
-    return found[:limit]
-
-
 def stream_plan(exp: CanaryExperiment, base, data_config, tokenizer, canary_tokens) -> dict:
     """``steps`` of every arm and, when derived from ``epochs``, what one pass over the stream holds:
     ``background_documents`` and ``stream_tokens`` (None when ``experiment.steps`` is given, so
@@ -248,10 +231,11 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     injected, held_out = data.load_canaries(data_config)
     canary_tokens = corpus.document_tokens(injected, tokenizer, data_config)
     # Held-out canaries are the MIA non-members; background validation documents give the held-out loss.
+    validation = corpus.validation_documents(data_config, exp.val_docs)
     eval_docs = evaluation.EvalDocuments(
         member_ids=[d.id for d in injected], member_tokens=canary_tokens,
         nonmember_tokens=corpus.document_tokens(held_out, tokenizer, data_config),
-        heldout_tokens=corpus.document_tokens(validation_documents(data_config, exp.val_docs), tokenizer, data_config))
+        heldout_tokens=corpus.document_tokens(validation, tokenizer, data_config))
     plan = stream_plan(exp, base, data_config, tokenizer, canary_tokens)
     meta = {**provenance(command or cli.script_command(), argv), "preset": preset,
             "config_file": os.path.relpath(path, REPO), "parameters": param_count(base.model),

@@ -1,5 +1,5 @@
-"""The documents of an experiment: a tokenizer for the corpus, documents cut to an exact number
-of tokens, their token ids as the pipeline frames them, and rows per pass."""
+"""The documents of an experiment: reading a source in order, a tokenizer for the corpus, documents
+cut to an exact number of tokens, their token ids as the pipeline frames them, rows per pass."""
 
 from __future__ import annotations
 
@@ -77,21 +77,43 @@ def corpus_tokenizer(data_config, texts: Sequence[str]):
     return cached_tokenizer(list(texts), data_config.vocab_size, data_config.tokenizer_cache_dir)
 
 
+def document_chunks(docs, *, chunk: int, stop: int | None = None):
+    """Lists of ``chunk`` consecutive documents of a source, from the first chunk up to the one that
+    starts before ``stop`` (default: all); one request per chunk for sources that serve many at
+    once (TFDS)."""
+    end = len(docs) if stop is None else min(len(docs), stop)
+    for start in range(0, end, chunk):
+        indices = range(start, min(start + chunk, len(docs)))
+        yield docs.get_many(indices) if hasattr(docs, "get_many") else [docs[i] for i in indices]
+
+
 # TODO(merge): use gf_jax.tokenizer.corpus_tokenizer's reading of the training split instead of this copy.
 def training_texts(data_config, *, max_chars: int) -> list[str]:
     """Texts of the training split of a source, in order, until ``max_chars`` characters (the
     tokenizer's training text; canaries excluded)."""
     from gf_jax import data
 
-    docs = data.read_background(data_config)
     texts, n_chars = [], 0
-    for start in range(0, len(docs), 4096):
-        indices = range(start, min(start + 4096, len(docs)))
-        chunk = docs.get_many(indices) if hasattr(docs, "get_many") else [docs[i] for i in indices]
-        for d in chunk:
-            if data.split_of(d.id, data_config.validation_fraction) == "train":
-                texts.append(d.text)
-                n_chars += len(d.text)
+    # Checked per chunk, as the pipeline's own tokenizer reading does: the same text, the same cached tokenizer.
+    for docs in document_chunks(data.read_background(data_config), chunk=4096):
+        for doc in docs:
+            if data.split_of(doc.id, data_config.validation_fraction) == "train":
+                texts.append(doc.text)
+                n_chars += len(doc.text)
         if n_chars >= max_chars:
             break
     return texts
+
+
+def validation_documents(data_config, limit: int, scan: int = 200_000) -> list:
+    """The first ``limit`` background documents of the validation split (scanning about ``scan``)."""
+    from gf_jax import data
+
+    if limit == 0 or data_config.validation_fraction <= 0:
+        return []
+    found = []
+    for docs in document_chunks(data.read_background(data_config), chunk=1024, stop=scan):
+        found += [d for d in docs if data.split_of(d.id, data_config.validation_fraction) == "validation"]
+        if len(found) >= limit:
+            break
+    return found[:limit]
