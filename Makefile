@@ -1,11 +1,12 @@
-# Two entry points: `make demo` and `make test`. Both create .venv from requirements.txt when it is
-# missing (or older than requirements.txt) and are quick when it exists.
+# Two entry points: `make demo` and `make test`, plus `make lint` (ruff, rules in pyproject.toml).
+# All create .venv from requirements.txt when it is missing (or older than requirements.txt) and are
+# quick when it exists.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean-venv
+.PHONY: demo test lint clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check gf_jax scripts tests
 
 # Trains configs/tiny.yaml (4-GL goldfish loss, Tiny Shakespeare) from scratch on CPU, ~2 minutes.
 DEMO_RUN ?= runs/demo

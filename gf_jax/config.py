@@ -8,8 +8,10 @@ of valid keys (and the closest match), a value of the wrong type fails with the 
 
 The sections are owned by the modules that use them: ``model`` (gf_jax.model.ModelConfig),
 ``mesh`` (gf_jax.sharding.MeshConfig), ``data`` (gf_jax.data.DataConfig), ``goldfish``
-(gf_jax.goldfish.GoldfishConfig), ``distributed`` (gf_jax.distributed.DistributedConfig);
-``train`` (TrainConfig) is defined here.
+(gf_jax.goldfish.GoldfishConfig),
+``loss`` (gf_jax.step.LossConfig), ``optimizer`` (gf_jax.optim.OptimizerConfig),
+``distributed`` (gf_jax.distributed.DistributedConfig); ``train`` (TrainConfig, the host loop) is
+defined here. Cross-section checks live in ``validate``.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from gf_jax.data import DataConfig
 from gf_jax.distributed import DistributedConfig
 from gf_jax.goldfish import GoldfishConfig
 from gf_jax.model import ModelConfig
+from gf_jax.optim import OptimizerConfig, validate_optimizer
 from gf_jax.sharding import MeshConfig
+from gf_jax.step import LossConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to train.
+    """How the host loop runs (what compiles is apart: model, goldfish, optimizer, loss).
 
     Attributes:
       steps: optimizer steps of the whole run (the lr schedule spans them).
@@ -39,13 +43,6 @@ class TrainConfig:
       global_batch: sequences per optimizer step, over all devices and micro-batches.
       seq_len: tokens per sequence (<= model.max_seq_len).
       grad_accum: micro-batches per step; global_batch must be a multiple of it.
-      lr, warmup, min_lr_ratio: peak learning rate, linear warm-up steps, then cosine decay to
-        lr * min_lr_ratio at ``steps``.
-      weight_decay, b1, b2, eps: AdamW (decay is applied to matrices only, not norms).
-      clip: global gradient-norm clipping threshold; 0 disables clipping.
-      z_loss: coefficient of the log-partition penalty over kept targets.
-      loss_chunk_size: > 0 computes the loss in chunks of this many targets without holding
-        the B x T x V logits (gf_jax.goldfish.chunked_loss_fn); 0 = plain loss.
       log_every: steps between console / metrics.jsonl records.
       eval_every, eval_batches: held-out loss every N steps (0 = never) over the validation split
         (needs data.validation_fraction > 0), at most this many batches of it (0 = all).
@@ -53,9 +50,12 @@ class TrainConfig:
       async_checkpoint: write checkpoints in the background while training continues.
       run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/); an existing one with
         checkpoints is resumed from its latest step.
+      init_from: start a new run from the parameters of another run (``RUN_DIR`` or
+        ``RUN_DIR@STEP``), with a fresh optimizer; "" = fresh parameters.
       seed: parameter initialisation (and ``random`` goldfish strategy) seed.
       progress: show a progress bar on the console.
-      tensorboard: also write TensorBoard events when a writer (tensorboardX) is installed.
+      tensorboard: also write TensorBoard events (tensorboardX) under RUN_DIR/tensorboard.
+      wandb_project: also log to this Weights & Biases project (needs ``pip install wandb``).
     """
 
     steps: int = 200
@@ -63,16 +63,6 @@ class TrainConfig:
     global_batch: int = 16
     seq_len: int = 128
     grad_accum: int = 1
-    lr: float = 3e-3
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0
-    z_loss: float = 0.0
-    loss_chunk_size: int = 0
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 0
@@ -80,22 +70,56 @@ class TrainConfig:
     keep_ckpts: int = 3
     async_checkpoint: bool = True
     run_dir: str = "runs/default"
+    init_from: str = ""
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True
+    wandb_project: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a run did: model, mesh, data, goldfish and train sections (+ how the processes
-    of a multi-host run connect: ``distributed``, gf_jax.distributed.DistributedConfig)."""
+    """Everything a run did: model, mesh, data, goldfish, loss, optimizer and train sections
+    (+ how the processes of a multi-host run connect: ``distributed``)."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     goldfish: GoldfishConfig = dataclasses.field(default_factory=GoldfishConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+
+# Keys that moved to another section: configs written before the move still load, with a note.
+MOVED_KEYS = {
+    **{f"train.{name}": f"optimizer.{name}" for name in (
+        "lr", "warmup", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip")},
+    "train.z_loss": "loss.z_loss",
+    "train.loss_chunk_size": "loss.chunk_size",
+}
+
+
+def migrate_moved_keys(values: dict, note=None) -> dict:
+    """``values`` with keys of ``MOVED_KEYS`` moved to their new sections (a note for each)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        section = values.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            new_section, new_key = new.split(".")
+            target = values.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_key, section.pop(old_key))
+                (note or _stderr_note)(f"config key {old} is now {new}; read as such (rename it in the file).")
+    return values
+
+
+def _stderr_note(line: str) -> None:
+    import sys
+
+    print(f"note: {line}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +217,10 @@ def _convert(value, tp, key: str):
 
 def _unknown_key(cls, key: str, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    # Keys that moved out of this section are suggested at their new place.
+    moved = {old[len(prefix):]: new for old, new in MOVED_KEYS.items() if prefix and old.startswith(prefix)}
+    close = difflib.get_close_matches(key, names + list(moved), n=1)
+    hint = f" (did you mean {moved.get(close[0], prefix + close[0])}?)" if close else ""
     where = f"under {prefix[:-1]}" if prefix else "at the top level"
     raise ValueError(
         f"unknown config key {prefix}{key}{hint}; valid keys {where} are: {', '.join(names)}."
@@ -300,21 +326,18 @@ def validate(config) -> None:
     for name in positive:
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}.")
-    for name in ("stop_at", "warmup", "eval_every", "eval_batches", "ckpt_every", "loss_chunk_size"):
+    for name in ("stop_at", "eval_every", "eval_batches", "ckpt_every"):
         if getattr(t, name) < 0:
             raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}.")
     if t.global_batch % t.grad_accum:
         raise ValueError(
             f"train.global_batch ({t.global_batch}) must be a multiple of train.grad_accum ({t.grad_accum})."
         )
-    if not t.lr > 0:
-        raise ValueError(f"train.lr must be > 0, got {t.lr}.")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}.")
-    if t.clip < 0 or t.weight_decay < 0 or t.z_loss < 0:
-        raise ValueError("train.clip, train.weight_decay and train.z_loss must be >= 0.")
-    if not (0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0):
-        raise ValueError(f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}.")
+    validate_optimizer(config.optimizer)
+    if config.loss.z_loss < 0:
+        raise ValueError(f"loss.z_loss must be >= 0, got {config.loss.z_loss}.")
+    if config.loss.chunk_size < 0:
+        raise ValueError(f"loss.chunk_size must be >= 0, got {config.loss.chunk_size}.")
     if t.seq_len > config.model.max_seq_len:
         raise ValueError(
             f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({config.model.max_seq_len}); "
@@ -322,13 +345,31 @@ def validate(config) -> None:
         )
     if not t.run_dir:
         raise ValueError("train.run_dir must name an output directory.")
+    if t.eval_every > 0 and config.data.validation_fraction <= 0:
+        raise ValueError(
+            "train.eval_every > 0 needs a validation split; set data.validation_fraction > 0 "
+            "(e.g. 0.05) or train.eval_every=0."
+        )
 
 
 def config_from_dict(values: dict, overrides: Sequence[str] = ()):
     """A validated RunConfig from a nested dict and dotted overrides."""
-    config = from_dict(RunConfig, apply_overrides(RunConfig, values or {}, overrides))
+    values = migrate_moved_keys(values or {})
+    config = from_dict(RunConfig, apply_overrides(RunConfig, values, _migrate_overrides(overrides)))
     validate(config)
     return config
+
+
+def _migrate_overrides(overrides: Sequence[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if sep and dotted.strip() in MOVED_KEYS:
+            new = MOVED_KEYS[dotted.strip()]
+            _stderr_note(f"config key {dotted.strip()} is now {new}; read as such.")
+            item = f"{new}={raw}"
+        out.append(item)
+    return out
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()):

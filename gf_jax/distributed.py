@@ -28,7 +28,8 @@ import dataclasses
 import os
 import sys
 import traceback
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 
@@ -115,7 +116,9 @@ def _env_int(names: tuple[str, ...], environ) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {names[0]} (or {'/'.join(names[1:])}) must be an integer, got {value!r}.") from None
+        raise ValueError(
+            f"environment variable {names[0]} (or {'/'.join(names[1:])}) must be an integer, got {value!r}."
+        ) from None
 
 
 def _on_cloud_tpu_vm() -> bool:

@@ -1,14 +1,15 @@
 """Batched greedy decoding and beam search with a KV cache, the whole loop inside one ``jit``.
 
 Prompts of different lengths share a batch by right-padding: one prefill call writes every
-prompt's K/V into cache slots ``[0, P)``; then row b continues at its own length L_b, one token
-per step, writing slot ``L_b - 1 + t``. ``Transformer.decode`` lets a query see only slots at or
-below its own, so the padding slots of a short prompt are overwritten before they ever become
-visible (see ``gf_jax.model.Transformer.decode``). Decoding never stops early: every prompt gets
+prompt's K/V into cache slots ``[0, P)``; then row b continues at its own length ``lengths_B[b]``,
+one token per step, writing slot ``lengths_B[b] - 1 + t``. ``Transformer.decode`` lets a query
+see only slots at or below its own, so the padding slots of a short prompt are overwritten before
+they ever become visible (see ``gf_jax.model.Transformer.decode``). Decoding never stops early: every prompt gets
 exactly ``max_new_tokens`` tokens (an EOS is just another token), which is what suffix
 extraction compares against.
 
-Arrays: B prompts, P padded prompt length, N new tokens, W beams, V vocabulary, S = P + N slots.
+Shape letters follow docs/conventions.md: B prompts, P padded prompt length, A new (generated)
+tokens, W beams, R = B*W decode rows, V vocabulary, S = P + A cache slots.
 
 Entry points:
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from flax import nnx
 
 @dataclasses.dataclass
 class Generation:
-    """Output of ``generate``: ``tokens`` (n_prompts x N int32) and ``logprob`` (n_prompts float32,
+    """Output of ``generate``: ``tokens`` (n_prompts x A int32) and ``logprob`` (n_prompts float32,
     the sum of the generated tokens' log-probabilities under the model, in nats)."""
 
     tokens: np.ndarray
@@ -77,7 +78,7 @@ def _greedy(model, tokens_BxP, lengths_B, starts_B, n_new: int, constrain):
     cache = _prefill(model, tokens_BxP, starts_B, p + n_new, constrain)
 
     def step(t, carry):
-        cache, token_B, out_BxN, logprob_B = carry
+        cache, token_B, out_BxA, logprob_B = carry
         slot_B = lengths_B - 1 + t  # the slot of the token being fed: last prompt token at t = 0
         logits_Bx1xV, cache = model.decode(
             token_B[:, None], (starts_B + slot_B)[:, None], cache, cache_index=slot_B
@@ -85,8 +86,8 @@ def _greedy(model, tokens_BxP, lengths_B, starts_B, n_new: int, constrain):
         logp_BxV = jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1)
         next_B = jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
         logprob_B = logprob_B + jnp.take_along_axis(logp_BxV, next_B[:, None], axis=1)[:, 0]
-        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, next_B[:, None], t, axis=1)
-        return constrain(cache), next_B, out_BxN, logprob_B
+        out_BxA = jax.lax.dynamic_update_slice_in_dim(out_BxA, next_B[:, None], t, axis=1)
+        return constrain(cache), next_B, out_BxA, logprob_B
 
     init = (
         cache,
@@ -94,12 +95,12 @@ def _greedy(model, tokens_BxP, lengths_B, starts_B, n_new: int, constrain):
         jnp.zeros((b, n_new), jnp.int32),
         jnp.zeros((b,), jnp.float32),
     )
-    _, _, out_BxN, logprob_B = jax.lax.fori_loop(0, n_new, step, init)
-    return out_BxN, logprob_B
+    _, _, out_BxA, logprob_B = jax.lax.fori_loop(0, n_new, step, init)
+    return out_BxA, logprob_B
 
 
 def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constrain):
-    """Beam search without length normalisation (all hypotheses have N tokens, so it would not
+    """Beam search without length normalisation (all hypotheses have A tokens, so it would not
     change the ranking). Beams of prompt b live in cache rows ``b*W .. b*W + W-1``."""
     b, p = tokens_BxP.shape
     cache = _prefill(model, tokens_BxP, starts_B, p + n_new, constrain)
@@ -113,7 +114,7 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
     row_base_Bx1 = (jnp.arange(b, dtype=jnp.int32) * width)[:, None]
 
     def step(t, carry):
-        cache, token_R, out_BxWxN, scores_BxW = carry
+        cache, token_R, out_BxWxA, scores_BxW = carry
         slot_R = lengths_R - 1 + t
         logits_Rx1xV, cache = model.decode(
             token_R[:, None], (starts_R + slot_R)[:, None], cache, cache_index=slot_R
@@ -126,9 +127,9 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
         # Each surviving hypothesis takes over its parent's cache rows and token history.
         rows_R = (row_base_Bx1 + parent_BxW).reshape(-1)
         cache = constrain(jax.tree.map(lambda c: jnp.take(c, rows_R, axis=0), cache))
-        out_BxWxN = jnp.take_along_axis(out_BxWxN, parent_BxW[:, :, None], axis=1)
-        out_BxWxN = jax.lax.dynamic_update_slice_in_dim(out_BxWxN, token_BxW[:, :, None], t, axis=2)
-        return cache, token_BxW.reshape(-1), out_BxWxN, scores_BxW
+        out_BxWxA = jnp.take_along_axis(out_BxWxA, parent_BxW[:, :, None], axis=1)
+        out_BxWxA = jax.lax.dynamic_update_slice_in_dim(out_BxWxA, token_BxW[:, :, None], t, axis=2)
+        return cache, token_BxW.reshape(-1), out_BxWxA, scores_BxW
 
     init = (
         cache,
@@ -136,8 +137,8 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
         jnp.zeros((b, width, n_new), jnp.int32),
         scores_BxW,
     )
-    _, _, out_BxWxN, scores_BxW = jax.lax.fori_loop(0, n_new, step, init)
-    return out_BxWxN[:, 0], scores_BxW[:, 0]  # top_k sorts: beam 0 is the best
+    _, _, out_BxWxA, scores_BxW = jax.lax.fori_loop(0, n_new, step, init)
+    return out_BxWxA[:, 0], scores_BxW[:, 0]  # top_k sorts: beam 0 is the best
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "beam_width", "mesh"))
@@ -189,7 +190,7 @@ def _recompute_jit(graphdef, state, tokens_BxP, lengths_B, starts_B, *, n_new):
     rows_B = jnp.arange(b)
 
     def step(t, carry):
-        buffer_BxS, out_BxN, logprob_B = carry
+        buffer_BxS, out_BxA, logprob_B = carry
         # The whole sequence again; causal attention makes the padding after a row's end harmless.
         logits_BxSxV = model(buffer_BxS, positions_BxT=positions_BxS)
         logits_BxV = logits_BxSxV[rows_B, lengths_B - 1 + t].astype(jnp.float32)
@@ -197,15 +198,15 @@ def _recompute_jit(graphdef, state, tokens_BxP, lengths_B, starts_B, *, n_new):
         next_B = jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
         logprob_B = logprob_B + jnp.take_along_axis(logp_BxV, next_B[:, None], axis=1)[:, 0]
         buffer_BxS = buffer_BxS.at[rows_B, lengths_B + t].set(next_B)
-        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, next_B[:, None], t, axis=1)
-        return buffer_BxS, out_BxN, logprob_B
+        out_BxA = jax.lax.dynamic_update_slice_in_dim(out_BxA, next_B[:, None], t, axis=1)
+        return buffer_BxS, out_BxA, logprob_B
 
     init = (buffer_BxS, jnp.zeros((b, n_new), jnp.int32), jnp.zeros((b,), jnp.float32))
-    _, out_BxN, logprob_B = jax.lax.fori_loop(0, n_new, step, init)
-    return out_BxN, logprob_B
+    _, out_BxA, logprob_B = jax.lax.fori_loop(0, n_new, step, init)
+    return out_BxA, logprob_B
 
 
-def _check_batch(model, tokens_BxP, lengths_B, starts_B, max_new_tokens):
+def _check_batch(tokens_BxP, lengths_B, starts_B, max_new_tokens):
     tokens_BxP = jnp.asarray(tokens_BxP, jnp.int32)
     if tokens_BxP.ndim != 2 or tokens_BxP.shape[1] == 0:
         raise ValueError(f"tokens_BxP must be a non-empty (batch, length) array, got {tokens_BxP.shape}.")
@@ -232,8 +233,8 @@ def decode_batch(
     Args:
       model: a ``gf_jax.model.Transformer`` (anything with ``init_cache`` / ``decode``).
       tokens_BxP: int32 prompts, right-padded (pad values are never attended to).
-      lengths_B: real length of each prompt, 1 <= L_b <= P (default: all P).
-      max_new_tokens: N, the number of tokens generated per prompt.
+      lengths_B: real length of each prompt, 1 <= lengths_B[b] <= P (default: all P).
+      max_new_tokens: A, the number of tokens generated per prompt.
       starts_B: RoPE position of each prompt's first token (default 0; a prompt cut from the
         middle of a document keeps its true positions, as in training).
       beam_width: W; 1 is greedy.
@@ -241,10 +242,10 @@ def decode_batch(
         divide evenly) and the parameters must already live on it.
 
     Returns:
-      ``(tokens_BxN, logprob_B)`` as jax arrays: the generated ids and their summed
+      ``(tokens_BxA, logprob_B)`` as jax arrays: the generated ids and their summed
       log-probabilities (the best beam's score for beam search).
     """
-    tokens_BxP, lengths_B, starts_B = _check_batch(model, tokens_BxP, lengths_B, starts_B, max_new_tokens)
+    tokens_BxP, lengths_B, starts_B = _check_batch(tokens_BxP, lengths_B, starts_B, max_new_tokens)
     if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be a positive integer (1 = greedy), got {beam_width!r}.")
     graphdef, state = nnx.split(model)
@@ -257,9 +258,9 @@ def decode_batch(
 def decode_batch_recompute(model, tokens_BxP, lengths_B=None, *, max_new_tokens: int, starts_B=None):
     """Greedy continuation without a cache: the full sequence is run again for every new token.
 
-    Same arguments and outputs as ``decode_batch`` (greedy); needs P + N <= model.max_seq_len.
+    Same arguments and outputs as ``decode_batch`` (greedy); needs P + A <= model.max_seq_len.
     """
-    tokens_BxP, lengths_B, starts_B = _check_batch(model, tokens_BxP, lengths_B, starts_B, max_new_tokens)
+    tokens_BxP, lengths_B, starts_B = _check_batch(tokens_BxP, lengths_B, starts_B, max_new_tokens)
     graphdef, state = nnx.split(model)
     return _recompute_jit(graphdef, state, tokens_BxP, lengths_B, starts_B, n_new=max_new_tokens)
 
@@ -344,11 +345,11 @@ def generate(
             tokens_BxP, lengths_B, starts_B = jax.device_put((tokens_BxP, lengths_B, starts_B), sharding)
         # With a mesh set, the model's activation sharding hints are on (as in training).
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            out_BxN, logprob_B = decode_batch(
+            out_BxA, logprob_B = decode_batch(
                 model, tokens_BxP, lengths_B, max_new_tokens=max_new_tokens, starts_B=starts_B,
                 beam_width=beam_width, mesh=mesh,
             )
-        tokens_out[idx] = np.asarray(out_BxN)[: idx.size]
+        tokens_out[idx] = np.asarray(out_BxA)[: idx.size]
         logprob_out[idx] = np.asarray(logprob_B)[: idx.size]
         if bar is not None:
             bar.update(idx.size)

@@ -4,16 +4,16 @@ Memorization compares a generated suffix with the true one, token by token (``su
 as text (``rouge_l``, the rouge-score package's ROUGE-L F-measure, as in the paper). Membership
 inference turns per-document losses into attack scores (``loss_scores``, ``zlib_scores``) and
 scores the attack (``roc_auc``, ``tpr_at_fpr``). Convention: a higher attack score means "more
-likely a member"; members are the documents trained on.
+likely a member"; members are the documents trained on. Arrays suffixed ``_A`` hold one entry per
+suffix token (shape letters: docs/conventions.md).
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
 
 # ---------------------------------------------------------------------------------------------
 # Memorization.
@@ -23,33 +23,33 @@ def suffix_match(generated: Sequence[int], reference: Sequence[int]) -> dict:
     """Token-level agreement of a generated suffix with the true one, position by position.
 
     Args:
-      generated: generated token ids (length N; shorter counts the missing tail as wrong).
-      reference: true suffix token ids (length N >= 1).
+      generated: generated token ids (length A; shorter counts the missing tail as wrong).
+      reference: true suffix token ids (length A >= 1).
 
     Returns:
-      dict with ``exact_match`` (share of the N positions whose token is reproduced, in [0, 1]),
+      dict with ``exact_match`` (share of the A positions whose token is reproduced, in [0, 1]),
       ``longest_run`` (longest stretch of consecutive reproduced positions, in tokens) and
-      ``memorized`` (True iff all N tokens are reproduced).
+      ``memorized`` (True iff all A tokens are reproduced).
     """
-    ref_N = np.asarray(reference, dtype=np.int64)
-    if ref_N.size == 0:
+    ref_A = np.asarray(reference, dtype=np.int64)
+    if ref_A.size == 0:
         raise ValueError("the reference suffix is empty; use a suffix of at least one token.")
-    gen_N = np.full(ref_N.shape, -1, dtype=np.int64)
-    gen = np.asarray(generated, dtype=np.int64)[: ref_N.size]
-    gen_N[: gen.size] = gen
-    hit_N = gen_N == ref_N
+    gen_A = np.full(ref_A.shape, -1, dtype=np.int64)
+    gen = np.asarray(generated, dtype=np.int64)[: ref_A.size]
+    gen_A[: gen.size] = gen
+    hit_A = gen_A == ref_A
     return {
-        "exact_match": float(hit_N.mean()),
-        "longest_run": longest_true_run(hit_N),
-        "memorized": bool(hit_N.all()),
+        "exact_match": float(hit_A.mean()),
+        "longest_run": longest_true_run(hit_A),
+        "memorized": bool(hit_A.all()),
     }
 
 
-def longest_true_run(flags_N) -> int:
+def longest_true_run(flags) -> int:
     """Length of the longest stretch of consecutive True values in a 1-D boolean array."""
-    flags_N = np.asarray(flags_N, dtype=bool)
+    flags = np.asarray(flags, dtype=bool)
     # Pad with False on both sides: runs start at a False->True edge and end at True->False.
-    edges = np.diff(np.concatenate([[0], flags_N.astype(np.int8), [0]]))
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     return int((ends - starts).max()) if starts.size else 0
 
@@ -108,22 +108,22 @@ def zlib_length(text: str) -> int:
     return len(zlib.compress(text.encode("utf-8")))
 
 
-def loss_scores(mean_nll_N) -> np.ndarray:
+def loss_scores(mean_nll) -> np.ndarray:
     """Loss attack: score = -mean token NLL (nats); a lower loss looks more like a member."""
-    return -np.asarray(mean_nll_N, dtype=np.float64)
+    return -np.asarray(mean_nll, dtype=np.float64)
 
 
-def zlib_scores(mean_nll_N, zlib_lengths_N) -> np.ndarray:
+def zlib_scores(mean_nll, zlib_lengths) -> np.ndarray:
     """zlib attack: score = -(mean token NLL / zlib-compressed length in bytes) of each text.
 
     Dividing by the text's compressibility discounts texts that are easy for any model
     (repetitive, boilerplate), which the plain loss attack mistakes for members.
     """
-    nll_N = np.asarray(mean_nll_N, dtype=np.float64)
-    length_N = np.asarray(zlib_lengths_N, dtype=np.float64)
-    if np.any(length_N <= 0):
+    nll = np.asarray(mean_nll, dtype=np.float64)
+    lengths = np.asarray(zlib_lengths, dtype=np.float64)
+    if np.any(lengths <= 0):
         raise ValueError("zlib lengths must be positive byte counts.")
-    return -nll_N / length_N
+    return -nll / lengths
 
 
 def _check_scores(member_scores, nonmember_scores):

@@ -4,7 +4,7 @@ Input is ``results_by_model``: ``{model_name: result}`` where each result may ho
 
 * ``"memorization"``: ``{"per_doc": [dict, ...], "aggregate": dict}`` (see ``gf_jax.evaluate``),
 * ``"mia"``: ``{"loss": {"auc", "tpr_at_fpr"}, "zlib": {...}, "n_members", "n_nonmembers", "fpr"}``,
-* ``"heldout"``: ``{"loss", "perplexity", "n_tokens"}``,
+* ``"heldout"``: ``{"loss", "perplexity", "n_documents"}`` (mean token NLL in nats, its exp, documents),
 * anything else (``run_dir``, ``step``, ...), kept in the JSON.
 
 Missing parts show as "-" in the table; histograms are drawn only for models with memorization.

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -38,7 +39,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
 )
 
 

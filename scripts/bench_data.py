@@ -136,7 +136,10 @@ def main():
         w = waits[source]
         print(f"time the loop waited inside next(), {name}: median {np.median(w) * 1e3:.2f} ms, "
               f"max {max(w) * 1e3:.2f} ms ({len(w)} steps)")
-    spread = lambda ts: f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} ms"
+
+    def spread(ts):
+        return f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} ms"
+
     print(f"per-round step times over {args.rounds} rounds: in memory {spread(fixed_times)}, "
           f"prefetched {spread(fed_times)}, no prefetch {spread(sync_times)}")
     print(f"batch assembly is {batch_rate / step_rate:.0f}x faster than the step consumes; "

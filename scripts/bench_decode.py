@@ -123,7 +123,8 @@ def main():
             import torch
             import transformers  # noqa: F401
         except ImportError:
-            hf_note = "HF comparison skipped: torch and transformers are not installed (pip install torch transformers)."
+            hf_note = ("HF comparison skipped: torch and transformers are not installed "
+                       "(pip install torch transformers).")
         else:
             hf, device = hf_model_from(model, config)
             ids = torch.from_numpy(prompts_BxP.astype(np.int64)).to(device)
@@ -139,7 +140,7 @@ def main():
             results[f"HF generate (torch {torch.__version__})"] = best_time(run_hf, args.repeats)
 
     base = results["jax KV cache"]
-    print(f"\n| method | seconds | generated tokens/s | time / KV-cache time |\n| --- | --- | --- | --- |")
+    print("\n| method | seconds | generated tokens/s | time / KV-cache time |\n| --- | --- | --- | --- |")
     for name, seconds in results.items():
         print(f"| {name} | {seconds:.3f} | {B * N / seconds:,.0f} | {seconds / base:.2f}x |")
     if "recompute" in outputs:

@@ -57,14 +57,17 @@ def main():
     rng = np.random.default_rng(0)
     targets_BxT = jnp.asarray(rng.integers(0, V, size=(B, T), dtype=np.int32))
     positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  ({platform.processor() or platform.machine()})")
+    host = platform.processor() or platform.machine()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  ({host})")
     print(f"shape: B={B} T={T} V={V}")
     results: dict = {"B": B, "T": T, "V": V, "device": jax.devices()[0].device_kind}
 
     # 1. Mask throughput.
     key = jax.random.key(0)
     masks = {
-        strategy: jax.jit(lambda t, p, s=strategy: goldfish_mask(t, GoldfishConfig(strategy=s), positions_BxT=p, rng=key))
+        strategy: jax.jit(
+            lambda t, p, s=strategy: goldfish_mask(t, GoldfishConfig(strategy=s), positions_BxT=p, rng=key)
+        )
         for strategy in ("hash", "hash-table", "static", "random")
     }
     mask_times = interleaved(masks, (targets_BxT, positions_BxT), args.reps)
@@ -120,8 +123,9 @@ def main():
     print(f"  plain            {plain_peak / 2**20:9.1f} MiB")
     results["peak_mib"] = {"plain": plain_peak / 2**20}
     for chunk in (int(c) for c in args.chunks.split(",")):
-        chunked_peak = peak(lambda h, w, t: chunked_loss_fn(h, w, t, cfg, chunk_size=chunk))
-        print(f"  chunked ({chunk:5d}) {chunked_peak / 2**20:9.1f} MiB   plain/chunked = {plain_peak / chunked_peak:.1f}x")
+        chunked_peak = peak(lambda h, w, t, c=chunk: chunked_loss_fn(h, w, t, cfg, chunk_size=c))
+        ratio = plain_peak / chunked_peak
+        print(f"  chunked ({chunk:5d}) {chunked_peak / 2**20:9.1f} MiB   plain/chunked = {ratio:.1f}x")
         results["peak_mib"][f"chunked_{chunk}"] = chunked_peak / 2**20
     if args.json:
         with open(args.json, "w") as f:

@@ -14,6 +14,7 @@ from gf_jax.config import (
     load_config,
     save_config,
 )
+from gf_jax.optim import OptimizerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,34 +28,34 @@ def write(path, text):
 def test_yaml_and_overrides_give_typed_values(tmp_path):
     path = write(
         tmp_path / "c.yaml",
-        "model: {d_model: 64, n_heads: 4}\ntrain:\n  lr: 3e-4\n  steps: 7\ngoldfish: {k: 3}\n",
+        "model: {d_model: 64, n_heads: 4}\noptimizer:\n  lr: 3e-4\ntrain:\n  steps: 7\ngoldfish: {k: 3}\n",
     )
     config = load_config(
         path,
         ["train.steps=11", "train.run_dir=2024", "data.tokenizer=null", "goldfish.never_drop_ids=[2, 1]",
-         "train.clip=0", "train.async_checkpoint=false"],
+         "optimizer.clip=0", "train.async_checkpoint=false"],
     )
     assert isinstance(config, RunConfig)
     assert config.model.d_model == 64 and config.model.n_heads == 4
     # PyYAML reads "3e-4" as a string; a float field accepts it.
-    assert config.train.lr == pytest.approx(3e-4) and isinstance(config.train.lr, float)
+    assert config.optimizer.lr == pytest.approx(3e-4) and isinstance(config.optimizer.lr, float)
     assert config.train.steps == 11  # the override wins over the file
     assert config.train.run_dir == "2024"  # a string field keeps the literal text
-    assert config.train.clip == 0.0 and isinstance(config.train.clip, float)
+    assert config.optimizer.clip == 0.0 and isinstance(config.optimizer.clip, float)
     assert config.train.async_checkpoint is False
     assert config.data.tokenizer is None
     assert config.goldfish.k == 3 and config.goldfish.never_drop_ids == (1, 2)
     # Unset keys keep their defaults.
-    assert config.train.warmup == TrainConfig().warmup
+    assert config.optimizer.warmup == OptimizerConfig().warmup
 
 
 def test_unknown_keys_fail_with_the_valid_choices(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key train\.lrr \(did you mean train\.lr\?\).*valid keys under train are: steps, .*lr"):
+    with pytest.raises(ValueError, match=r"unknown config key train\.lrr \(did you mean optimizer\.lr\?\).*valid keys under train are: steps, "):
         config_from_dict({}, ["train.lrr=1e-3"])
     path = write(tmp_path / "c.yaml", "model:\n  dmodel: 64\n")
     with pytest.raises(ValueError, match=r"model\.dmodel.*valid keys under model are: .*d_model"):
         load_config(path)
-    with pytest.raises(ValueError, match=r"unknown config key trainer.*valid keys at the top level are: model, mesh, data, goldfish, train"):
+    with pytest.raises(ValueError, match=r"unknown config key trainer.*valid keys at the top level are: model, mesh, data, goldfish, loss, optimizer, train"):
         config_from_dict({"trainer": {"steps": 1}})
     with pytest.raises(ValueError, match=r"train\.steps is not a section"):
         config_from_dict({}, ["train.steps.x=1"])
@@ -67,7 +68,7 @@ def test_unknown_keys_fail_with_the_valid_choices(tmp_path):
     [
         ("train.steps=1.5", r"train\.steps must be an integer, got 1\.5"),
         ("train.steps=true", r"train\.steps must be an integer"),
-        ("train.lr=fast", r"train\.lr must be a number, got 'fast'"),
+        ("optimizer.lr=fast", r"optimizer\.lr must be a number, got 'fast'"),
         ("train.async_checkpoint=3", r"train\.async_checkpoint must be true or false"),
         ("model.d_model=[1]", r"model\.d_model must be an integer"),
         ("goldfish.never_drop_ids=[a]", r"goldfish\.never_drop_ids\[0\] must be an integer"),
@@ -95,8 +96,8 @@ def test_wrong_types_in_yaml_fail():
         (["train.global_batch=10", "train.grad_accum=3"], r"multiple of train\.grad_accum"),
         (["train.seq_len=512", "model.max_seq_len=256"], r"train\.seq_len \(512\) exceeds model\.max_seq_len"),
         (["train.steps=0"], r"train\.steps must be >= 1"),
-        (["train.lr=0"], r"train\.lr must be > 0"),
-        (["train.min_lr_ratio=2"], r"min_lr_ratio must be in \[0, 1\]"),
+        (["optimizer.lr=0"], r"optimizer\.lr must be > 0"),
+        (["optimizer.min_lr_ratio=2"], r"min_lr_ratio must be in \[0, 1\]"),
         (["goldfish.k=1"], r"goldfish k must be >= 2"),  # checked by the section's own dataclass
         (["goldfish.strategy=nope"], r"use one of none, static, hash"),
         (["model.n_heads=3"], r"n_heads"),
@@ -108,13 +109,23 @@ def test_invalid_values_fail(overrides, message):
         config_from_dict({}, overrides)
 
 
+def test_keys_that_moved_sections_are_read_at_their_new_place(tmp_path, capsys):
+    # A run directory's config.yaml written before the optimizer / loss split still resumes.
+    path = write(tmp_path / "old.yaml", "train:\n  lr: 2e-4\n  loss_chunk_size: 64\n  steps: 9\n")
+    config = load_config(path, ["train.clip=0.5"])
+    assert config.optimizer.lr == pytest.approx(2e-4) and config.loss.chunk_size == 64
+    assert config.optimizer.clip == 0.5 and config.train.steps == 9
+    err = capsys.readouterr().err
+    assert "train.lr is now optimizer.lr" in err and "train.clip is now optimizer.clip" in err
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
 
 
 def test_saved_config_reloads_identically(tmp_path):
-    config = config_from_dict({}, ["goldfish.never_drop_ids=[1,2]", "train.lr=1e-3", "data.max_documents=5"])
+    config = config_from_dict({}, ["goldfish.never_drop_ids=[1,2]", "optimizer.lr=1e-3", "data.max_documents=5"])
     save_config(config, str(tmp_path / "config.yaml"))
     assert load_config(str(tmp_path / "config.yaml")) == config
     assert "never_drop_ids" in dump_config(config)

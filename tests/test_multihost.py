@@ -101,7 +101,7 @@ HEARTBEAT_S = 10
 SMALL = [
     "model.vocab_size=384", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
     "model.d_ff=64", "model.max_seq_len=64", "data.max_documents=400", "data.validation_fraction=0.1",
-    "data.vocab_size=384", "train.global_batch=8", "train.seq_len=32", f"train.steps={STEPS}", "train.warmup=2",
+    "data.vocab_size=384", "train.global_batch=8", "train.seq_len=32", f"train.steps={STEPS}", "optimizer.warmup=2",
     "train.log_every=1", "train.ckpt_every=0", "train.eval_every=0", "train.progress=false",
     "train.tensorboard=false",
 ]

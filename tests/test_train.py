@@ -23,7 +23,9 @@ from gf_jax.checkpoint import load_model
 from gf_jax.config import load_config
 from gf_jax.sharding import MeshConfig, make_mesh
 from gf_jax.tokenizer import Tokenizer
-from gf_jax.train import NonFiniteLossError, Trainer, main, make_step_functions
+from gf_jax.batch import Batch
+from gf_jax.step import make_step_functions
+from gf_jax.train import NonFiniteLossError, Trainer, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -35,8 +37,8 @@ SMALL = [
     "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64",
     "data.max_documents=400", "data.validation_fraction=0.1", "data.vocab_size=384",
     "goldfish.h=3",  # short context: few targets at row starts lack a full window, so drop ~ 1/k
-    "train.global_batch=8", "train.seq_len=32", f"train.steps={STEPS}", "train.warmup=4",
-    "train.lr=1e-2", "train.log_every=1", "train.ckpt_every=8", "train.eval_every=12",
+    "train.global_batch=8", "train.seq_len=32", f"train.steps={STEPS}", "optimizer.warmup=4",
+    "optimizer.lr=1e-2", "train.log_every=1", "train.ckpt_every=8", "train.eval_every=12",
     "train.progress=false", "train.tensorboard=false",
 ]
 
@@ -165,7 +167,7 @@ def test_nan_loss_stops_without_touching_the_last_good_checkpoint(reference_run,
     shutil.copytree(reference_run, run_dir)
     good = tree_digest(os.path.join(run_dir, "checkpoints", "24"))
     # Resume for 8 more steps with an absurd learning rate: the parameters blow up within a step.
-    trainer = Trainer(small_config(tokenizer_path, run_dir, "train.steps=32", "train.lr=1e30"))
+    trainer = Trainer(small_config(tokenizer_path, run_dir, "train.steps=32", "optimizer.lr=1e30"))
     with pytest.raises(NonFiniteLossError, match=r"last good checkpoint: step 24"):
         trainer.run()
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["16", "24", "8"]
@@ -189,7 +191,7 @@ def _run_steps(config, mesh, host_state, batches):
     out = []
     for batch in batches:
         model_state, opt_state, metrics = fns.train_step(
-            model_state, opt_state, data_lib.to_global_batch(batch, fns.batch_sharding)
+            model_state, opt_state, Batch(**data_lib.to_global_batch(batch, fns.batch_sharding))
         )
         out.append(jax.device_get(metrics))
     return out, jax.device_get(model_state)
@@ -258,7 +260,7 @@ def test_bad_run_settings_fail_before_anything_compiles(tokenizer_path, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", TINY, "train.lrr=1"])
     assert exit_info.value.code == 2
-    assert "unknown config key train.lrr (did you mean train.lr?)" in capsys.readouterr().err
+    assert "unknown config key train.lrr (did you mean optimizer.lr?)" in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_path, tmp_path):

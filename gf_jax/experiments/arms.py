@@ -78,9 +78,12 @@ def arm_config(base, arm: Arm, *, data, steps: int, run_dir: str, init_from: str
     """
     from gf_jax.config import validate
 
-    train = dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0, warmup=min(base.train.warmup, steps - 1))
+    train = dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0)
     if init_from:
         train["init_from"] = init_from
-    config = replace_sections(dataclasses.replace(base, data=data, goldfish=arm.goldfish), train=train)
+    # A warm-up longer than the run would never reach the peak learning rate.
+    optimizer = dict(warmup=min(base.optimizer.warmup, steps - 1))
+    config = replace_sections(dataclasses.replace(base, data=data, goldfish=arm.goldfish),
+                              train=train, optimizer=optimizer)
     validate(config)
     return config

@@ -5,7 +5,7 @@ control model that never saw them.
     python -m gf_jax.experiments memorization --preset cpu     # ~20 min on 2 CPU cores
     python -m gf_jax.experiments memorization --preset smoke   # seconds (CI)
     python -m gf_jax.experiments memorization --preset tpu --corpus wiki.jsonl --format jsonl
-    python -m gf_jax.experiments memorization --config my.yaml train.lr=1e-3 experiment.epochs=50
+    python -m gf_jax.experiments memorization --config my.yaml optimizer.lr=1e-3 experiment.epochs=50
 
 (``python scripts/memorization_experiment.py ...`` is the same command.)
 
@@ -191,7 +191,7 @@ def build_parser(prog: str | None = None):
     parser.add_argument("--id-field", default=None, help="JSONL key of a stable document id (default: file:line)")
     parser.add_argument("--docs", type=int, default=None, help="documents trained on and evaluated (experiment.docs)")
     parser.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARM_NAMES)}")
-    cli.add_run_arguments(parser, "memorization", "train.lr=1e-3 experiment.epochs=50")
+    cli.add_run_arguments(parser, "memorization", "optimizer.lr=1e-3 experiment.epochs=50")
     return parser
 
 
