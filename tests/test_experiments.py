@@ -79,7 +79,8 @@ def test_memorization_documents_are_the_training_documents(memorization_run):
 def test_memorization_init_from_starts_from_trained_weights(memorization_run, tmp_path, tok_cache):
     trained, _ = memorization_run
     common_args = ["--preset", "smoke", "--devices", "1", "--arms", "standard", f"data.tokenizer_cache_dir={tok_cache}"]
-    result = memorization.run(common_args + ["--out", str(tmp_path), "--init-from", os.path.join(trained, "arms", "standard")])
+    init_from = os.path.join(trained, "arms", "standard")
+    result = memorization.run(common_args + ["--out", str(tmp_path), "--init-from", init_from])
 
     def first_loss(run_dir):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
