@@ -20,20 +20,21 @@ from typing import Any
 HIST_BINS = 20
 
 
-def _jsonable(value: Any) -> Any:
-    # JSON has no NaN/inf and no numpy scalars: map them to null / plain Python numbers.
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON: NaN/inf become null, numpy scalars and arrays plain Python numbers."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def _fmt(value, spec: str) -> str:
+def format_value(value, spec: str) -> str:
+    """``format(value, spec)``, or "-" for a missing or non-finite value."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
@@ -47,7 +48,7 @@ def markdown_table(results_by_model: dict[str, dict]) -> str:
         "model", "memorized", "RougeL mean", "RougeL median", "exact match", "longest run",
         "loss AUC", f"loss {tpr_name}", "zlib AUC", f"zlib {tpr_name}", "held-out loss", "held-out ppl",
     ]
-    rows = [header, ["---"] * len(header)]
+    rows = [header]
     for name, result in results_by_model.items():
         agg = result.get("memorization", {}).get("aggregate", {})
         mia = result.get("mia", {})
@@ -61,18 +62,25 @@ def markdown_table(results_by_model: dict[str, dict]) -> str:
         rows.append([
             name.replace("|", "\\|"),
             memorized,
-            _fmt(agg.get("rougeL_mean"), ".3f"),
-            _fmt(agg.get("rougeL_median"), ".3f"),
-            _fmt(agg.get("exact_match_mean"), ".3f"),
-            _fmt(agg.get("longest_run_mean"), ".1f"),
-            _fmt(mia.get("loss", {}).get("auc"), ".3f"),
-            _fmt(mia.get("loss", {}).get("tpr_at_fpr"), ".3f"),
-            _fmt(mia.get("zlib", {}).get("auc"), ".3f"),
-            _fmt(mia.get("zlib", {}).get("tpr_at_fpr"), ".3f"),
-            _fmt(held.get("loss"), ".4f"),
-            _fmt(held.get("perplexity"), ".2f"),
+            format_value(agg.get("rougeL_mean"), ".3f"),
+            format_value(agg.get("rougeL_median"), ".3f"),
+            format_value(agg.get("exact_match_mean"), ".3f"),
+            format_value(agg.get("longest_run_mean"), ".1f"),
+            format_value(mia.get("loss", {}).get("auc"), ".3f"),
+            format_value(mia.get("loss", {}).get("tpr_at_fpr"), ".3f"),
+            format_value(mia.get("zlib", {}).get("auc"), ".3f"),
+            format_value(mia.get("zlib", {}).get("tpr_at_fpr"), ".3f"),
+            format_value(held.get("loss"), ".4f"),
+            format_value(held.get("perplexity"), ".2f"),
         ])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+    return markdown_rows(rows)
+
+
+def markdown_rows(rows: list[list[str]]) -> str:
+    """A Markdown table: the first row is the header, the others the body."""
+    header, *body = rows
+    lines = [header, ["---"] * len(header), *body]
+    return "\n".join("| " + " | ".join(row) + " |" for row in lines) + "\n"
 
 
 def plot_histograms(results_by_model: dict[str, dict], key: str, path: str, xlabel: str) -> bool:
@@ -108,6 +116,40 @@ def plot_histograms(results_by_model: dict[str, dict], key: str, path: str, xlab
     return True
 
 
+def plot_histogram_panels(series: dict[str, list[float]], path: str, *, title: str, xlabel: str = "RougeL") -> str:
+    """One histogram panel per series on a shared [0, 1] axis (the paper's Figure 2 layout)."""
+    import matplotlib  # heavy optional dependency, only for the plots
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = n if n <= 5 else -(-n // 2)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows + 0.5), dpi=100,
+                             sharex=True, sharey=True, squeeze=False)
+    bins = [i / HIST_BINS for i in range(HIST_BINS + 1)]
+    for i, (name, values) in enumerate(series.items()):
+        ax = axes[i // cols][i % cols]
+        ax.hist(values, bins=bins, color=f"C{i % 10}", alpha=0.8)
+        mean = sum(values) / len(values) if values else float("nan")
+        ax.set_title(f"{name}\nmean {mean:.2f}", fontsize=9)
+        ax.set_xlim(0, 1)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    for i in range(n):  # every panel labels its own x axis: a short last row would leave gaps
+        ax = axes[i // cols][i % cols]
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel(xlabel, fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("documents", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(results_by_model: dict[str, dict], out_dir: str, *, title: str = "Evaluation") -> dict:
     """Writes report.json, report.md, rougeL_hist.png and exact_match_hist.png into ``out_dir``.
 
@@ -118,7 +160,7 @@ def write_report(results_by_model: dict[str, dict], out_dir: str, *, title: str 
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "report.json")
     with open(json_path, "w") as f:
-        json.dump(_jsonable(results_by_model), f, indent=1)
+        json.dump(jsonable(results_by_model), f, indent=1)
 
     plots = []
     for key, xlabel, name in (

@@ -1,22 +1,18 @@
-"""The paper-reproduction scripts run end to end on their smoke presets (a tiny model, a few
-steps) and write one sane result per arm; every experiment preset, full-size ones included,
-is a valid config."""
+"""The paper-reproduction experiments (gf_jax.experiments) run end to end on their smoke presets
+(a tiny model, a few steps) and write one sane result per arm; every experiment preset, full-size
+ones included, is a valid config."""
 
 import glob
-import importlib
 import json
 import math
 import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+from gf_jax.experiments import canary, corpus, memorization
+from gf_jax.experiments.arms import load_experiment, preset_path
 
-memorization = importlib.import_module("memorization_experiment")
-canary = importlib.import_module("canary_experiment")
-common = importlib.import_module("experiment_common")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +79,8 @@ def test_memorization_documents_are_the_training_documents(memorization_run):
 def test_memorization_init_from_starts_from_trained_weights(memorization_run, tmp_path, tok_cache):
     trained, _ = memorization_run
     common_args = ["--preset", "smoke", "--devices", "1", "--arms", "standard", f"data.tokenizer_cache_dir={tok_cache}"]
-    result = memorization.run(common_args + ["--out", str(tmp_path), "--init-from", os.path.join(trained, "arms", "standard")])
+    init_from = os.path.join(trained, "arms", "standard")
+    result = memorization.run(common_args + ["--out", str(tmp_path), "--init-from", init_from])
 
     def first_loss(run_dir):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -117,16 +114,16 @@ def test_canary_smoke_writes_one_row_per_arm(tmp_path, tok_cache):
 def test_experiment_presets_are_valid(path):
     name = os.path.basename(path)
     cls = memorization.MemorizationExperiment if name.startswith("memorization_") else canary.CanaryExperiment
-    experiment, config = common.load_experiment(path, [], cls)
+    experiment, config = load_experiment(path, [], cls)
     assert config.train.seq_len <= config.model.max_seq_len
 
 
 def test_unknown_experiment_key_is_a_clear_error():
-    path = common.preset_path("memorization", "smoke", memorization.PRESET_ALIASES)
+    path = preset_path("memorization", "smoke", memorization.PRESET_ALIASES)
     with pytest.raises(ValueError, match="experiment.epoch"):
-        common.load_experiment(path, ["experiment.epoch=3"], memorization.MemorizationExperiment)
+        load_experiment(path, ["experiment.epoch=3"], memorization.MemorizationExperiment)
     with pytest.raises(ValueError, match="no preset 'nope'"):
-        common.preset_path("memorization", "nope", memorization.PRESET_ALIASES)
+        preset_path("memorization", "nope", memorization.PRESET_ALIASES)
 
 
 def test_truncate_to_tokens_cuts_at_a_token_boundary(tmp_path):
@@ -137,9 +134,9 @@ def test_truncate_to_tokens_cuts_at_a_token_boundary(tmp_path):
     tokenizer = cached_tokenizer([d.text for d in docs], 400, str(tmp_path))
     for doc in docs:
         for n in (17, 60):
-            cut = common.truncate_to_tokens(doc.text, tokenizer, n)
+            cut = corpus.truncate_to_tokens(doc.text, tokenizer, n)
             assert doc.text.startswith(cut) and len(tokenizer.encode([cut])[0]) == n
-    assert common.truncate_to_tokens("a few words", tokenizer, 500) is None
+    assert corpus.truncate_to_tokens("a few words", tokenizer, 500) is None
 
 
 def test_rows_per_epoch_matches_the_pipeline():
@@ -151,4 +148,4 @@ def test_rows_per_epoch_matches_the_pipeline():
     tokens = [np.arange(n, dtype=np.int32) % 7 for n in lengths]
     for mode in ("packed", "document"):
         it = BatchIterator(tokens, global_batch=2, seq_len=16, mode=mode, process_index=0, process_count=1, prefetch=0)
-        assert common.rows_per_epoch(lengths, 16, mode) == it.rows_per_epoch
+        assert corpus.rows_per_epoch(tokens, 16, mode) == it.rows_per_epoch
