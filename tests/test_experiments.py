@@ -142,10 +142,11 @@ def test_truncate_to_tokens_cuts_at_a_token_boundary(tmp_path):
 def test_rows_per_epoch_matches_the_pipeline():
     import numpy as np
 
+    from gf_jax import data
     from gf_jax.data import BatchIterator
 
     lengths = [5, 40, 17, 64, 65, 3]
     tokens = [np.arange(n, dtype=np.int32) % 7 for n in lengths]
     for mode in ("packed", "document"):
         it = BatchIterator(tokens, global_batch=2, seq_len=16, mode=mode, process_index=0, process_count=1, prefetch=0)
-        assert corpus.rows_per_epoch(tokens, 16, mode) == it.rows_per_epoch
+        assert data.rows_per_epoch(lengths, 16, mode) == it.rows_per_epoch

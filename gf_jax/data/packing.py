@@ -62,8 +62,8 @@ class RowLayout:
 def rows_per_epoch(lengths: Sequence[int], seq_len: int, mode: str) -> int:
     """Rows of T+1 tokens (T = ``seq_len``) that one pass over documents of these token counts
     makes in ``mode`` (the same in every epoch: the order does not change the count)."""
-    lengths_N = np.asarray(lengths, np.int64)
-    return RowLayout(lengths_N, np.arange(len(lengths_N)), seq_len, mode).num_rows
+    lengths = np.asarray(lengths, np.int64)
+    return RowLayout(lengths, np.arange(len(lengths)), seq_len, mode).num_rows
 
 
 def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[Piece]], seq_len: int, pad_id: int,

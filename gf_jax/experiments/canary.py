@@ -37,6 +37,7 @@ from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
 from gf_jax.experiments.runner import Protocol, run_arms
 from gf_jax.goldfish import GoldfishConfig
+from gf_jax.tokenizer import corpus_tokenizer
 
 PRESET_ALIASES = {"tpu": "tinyllama_1b"}
 DEFAULT_ARMS = ("standard", "k3", "k4", "k8", "k32", "k128", "control")
@@ -142,8 +143,8 @@ def prepare(base, exp: CanaryExperiment, out: str):
                                                         id_field=exp.canary_id_field))
     texts = []
     if not base.data.tokenizer:  # train one (a given tokenizer needs no reading)
-        texts = corpus.training_texts(base.data, max_chars=TOKENIZER_BACKGROUND_CHARS) + [d.text for d in canary_pool]
-    tokenizer = corpus.corpus_tokenizer(base.data, texts)
+        texts = data.train_texts(base.data, max_chars=TOKENIZER_BACKGROUND_CHARS) + [d.text for d in canary_pool]
+    tokenizer = corpus_tokenizer(base.data, texts)
     need = exp.canaries + exp.heldout_canaries
     chosen = corpus.cut_documents(canary_pool, tokenizer, base.data, n_tokens=exp.canary_tokens, limit=need)
     if len(chosen) < need:
@@ -174,7 +175,7 @@ def stream_plan(exp: CanaryExperiment, base, data_config, tokenizer, canary_toke
     background = data.load_documents(dataclasses.replace(data_config, canary_repeats=0), "train")
     stream = data.tokenize_documents(background, tokenizer, data_config.add_bos, data_config.add_eos)
     stream += list(canary_tokens) * exp.repeats
-    n_rows = corpus.rows_per_epoch(stream, base.train.seq_len, data_config.mode)
+    n_rows = data.rows_per_epoch([len(t) for t in stream], base.train.seq_len, data_config.mode)
     return dict(steps=max(1, math.ceil(exp.epochs * n_rows / base.train.global_batch)),
                 background_documents=len(background), stream_tokens=int(sum(len(t) for t in stream)),
                 canary_tokens=canary_stream)

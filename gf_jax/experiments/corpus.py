@@ -3,9 +3,7 @@ cut to an exact number of tokens, their token ids as the pipeline frames them, r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-import numpy as np
+from collections.abc import Iterable
 
 # Cuts tried around the wanted length, nearest first (see truncate_to_tokens).
 _CUT_DELTAS = (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6, 7, -7, 8, -8)
@@ -53,30 +51,6 @@ def document_tokens(docs, tokenizer, data_config) -> list[list[int]]:
     return [t.tolist() for t in data.tokenize_documents(docs, tokenizer, data_config.add_bos, data_config.add_eos)]
 
 
-def rows_per_epoch(tokens: Sequence[Sequence[int]], seq_len: int, mode: str) -> int:
-    """Rows of T+1 tokens the pipeline cuts one pass over these documents into (one process).
-
-    Asks the pipeline's own iterator, so that the step count of an experiment follows any change
-    to how the pipeline packs rows.
-    """
-    from gf_jax import data
-
-    iterator = data.BatchIterator([np.asarray(t, np.int32) for t in tokens], global_batch=1, seq_len=seq_len,
-                                  mode=mode, process_index=0, process_count=1, shuffle=False, prefetch=0)
-    return iterator.rows_per_epoch
-
-
-# TODO(merge): use gf_jax.tokenizer.corpus_tokenizer (the data package adds it) instead of this copy.
-def corpus_tokenizer(data_config, texts: Sequence[str]):
-    """``data.tokenizer`` if set, else a sentencepiece model of ``data.vocab_size`` pieces trained on
-    ``texts`` (cached in ``data.tokenizer_cache_dir``, keyed by content)."""
-    from gf_jax.tokenizer import Tokenizer, cached_tokenizer
-
-    if data_config.tokenizer:
-        return Tokenizer.load(data_config.tokenizer)
-    return cached_tokenizer(list(texts), data_config.vocab_size, data_config.tokenizer_cache_dir)
-
-
 def document_chunks(docs, *, chunk: int, stop: int | None = None):
     """Lists of ``chunk`` consecutive documents of a source, from the first chunk up to the one that
     starts before ``stop`` (default: all); one request per chunk for sources that serve many at
@@ -85,24 +59,6 @@ def document_chunks(docs, *, chunk: int, stop: int | None = None):
     for start in range(0, end, chunk):
         indices = range(start, min(start + chunk, len(docs)))
         yield docs.get_many(indices) if hasattr(docs, "get_many") else [docs[i] for i in indices]
-
-
-# TODO(merge): use gf_jax.tokenizer.corpus_tokenizer's reading of the training split instead of this copy.
-def training_texts(data_config, *, max_chars: int) -> list[str]:
-    """Texts of the training split of a source, in order, until ``max_chars`` characters (the
-    tokenizer's training text; canaries excluded)."""
-    from gf_jax import data
-
-    texts, n_chars = [], 0
-    # Checked per chunk, as the pipeline's own tokenizer reading does: the same text, the same cached tokenizer.
-    for docs in document_chunks(data.read_background(data_config), chunk=4096):
-        for doc in docs:
-            if data.split_of(doc.id, data_config.validation_fraction) == "train":
-                texts.append(doc.text)
-                n_chars += len(doc.text)
-        if n_chars >= max_chars:
-            break
-    return texts
 
 
 def validation_documents(data_config, limit: int, scan: int = 200_000) -> list:

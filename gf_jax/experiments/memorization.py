@@ -38,6 +38,7 @@ from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
 from gf_jax.experiments.runner import Protocol, run_arms
 from gf_jax.goldfish import GoldfishConfig
+from gf_jax.tokenizer import corpus_tokenizer
 
 ARM_NAMES = ("standard", "goldfish-hash", "goldfish-static", "random-drop", "control")
 PRESET_ALIASES = {"tpu": "llama2_7b"}
@@ -129,7 +130,7 @@ def select_documents(base, exp: MemorizationExperiment):
     need = exp.docs + n_control + exp.heldout_docs
     # A tokenizer trained on the whole corpus read (data.max_documents bounds it), unless given.
     texts = [] if base.data.tokenizer else [pool[i].text for i in range(len(pool))]
-    tokenizer = corpus.corpus_tokenizer(base.data, texts)
+    tokenizer = corpus_tokenizer(base.data, texts)
     chosen = corpus.cut_documents((pool[i] for i in range(len(pool))), tokenizer, base.data,
                                   n_tokens=exp.doc_tokens, limit=need)
     if len(chosen) < need:
@@ -233,7 +234,7 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     # The held-out documents are both the MIA non-members and the held-out loss's documents.
     eval_docs = evaluation.EvalDocuments(member_ids=docs["members"], member_tokens=member_tokens,
                                          nonmember_tokens=heldout_tokens, heldout_tokens=heldout_tokens)
-    n_rows = corpus.rows_per_epoch(member_tokens, base.train.seq_len, base.data.mode)
+    n_rows = data.rows_per_epoch([len(t) for t in member_tokens], base.train.seq_len, base.data.mode)
     steps = max(1, math.ceil(exp.epochs * n_rows / base.train.global_batch))
     meta = {**provenance(command or cli.script_command(), argv), "preset": preset,
             "config_file": os.path.relpath(path, REPO), "parameters": param_count(base.model),
