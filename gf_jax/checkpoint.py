@@ -34,6 +34,13 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
     "rope_theta",
     "norm_eps",
+    "qkv_bias",
+    "qk_norm",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
 )
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -118,8 +125,12 @@ class Checkpointer:
 
 def check_compatible(saved_model: dict, model_config, run_dir: str) -> None:
     """Raises a one-sentence ValueError when ``model_config`` cannot resume ``saved_model``."""
+    from gf_jax.model import ModelConfig
+
+    defaults = ModelConfig()
     for name in ARCHITECTURE_FIELDS:
-        saved, now = saved_model.get(name), getattr(model_config, name)
+        # A field missing from an older checkpoint had its default (the field did not exist yet).
+        saved, now = saved_model.get(name, getattr(defaults, name)), getattr(model_config, name)
         if saved != now:
             raise ValueError(
                 f"{run_dir} holds checkpoints of a different model (model.{name} is {saved!r} there, "
