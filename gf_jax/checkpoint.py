@@ -34,6 +34,13 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
     "rope_theta",
     "norm_eps",
+    "qkv_bias",
+    "qk_norm",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
 )
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -118,8 +125,12 @@ class Checkpointer:
 
 def check_compatible(saved_model: dict, model_config, run_dir: str) -> None:
     """Raises a one-sentence ValueError when ``model_config`` cannot resume ``saved_model``."""
+    from gf_jax.model import ModelConfig
+
+    defaults = ModelConfig()
     for name in ARCHITECTURE_FIELDS:
-        saved, now = saved_model.get(name), getattr(model_config, name)
+        # A field missing from an older checkpoint had its default (the field did not exist yet).
+        saved, now = saved_model.get(name, getattr(defaults, name)), getattr(model_config, name)
         if saved != now:
             raise ValueError(
                 f"{run_dir} holds checkpoints of a different model (model.{name} is {saved!r} there, "
@@ -128,10 +139,14 @@ def check_compatible(saved_model: dict, model_config, run_dir: str) -> None:
 
 
 def find_tokenizer(run_dir: str, config) -> str:
-    """The tokenizer of a run: its copy in the run directory, else the path its config records."""
+    """The tokenizer of a run: its copy in the run directory, else the Hugging Face tokenizer of a
+    run made from an HF model (``RUN_DIR/hf``), else the path its config records."""
     local = rundir.join(run_dir, TOKENIZER_FILE)
     if rundir.exists(local):
         return local
+    hf_copy = rundir.join(run_dir, "hf")
+    if not rundir.is_url(run_dir) and os.path.isdir(hf_copy):
+        return hf_copy
     if config.data.tokenizer and rundir.exists(config.data.tokenizer):
         return config.data.tokenizer
     raise FileNotFoundError(
@@ -140,18 +155,39 @@ def find_tokenizer(run_dir: str, config) -> str:
     )
 
 
-def load_model(run_dir: str, step: int | None = None, *, mesh=None):
-    """Restores a trained model from a run directory, for evaluation.
+def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype: str | None = None):
+    """Restores a trained model from a run directory or a Hugging Face model directory.
 
     Args:
-      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``).
-      step: which checkpoint (default: the latest).
+      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``), or a local
+        Hugging Face directory (``config.json`` + safetensors; see ``gf_jax.hf``).
+      step: which checkpoint (default: the latest; an HF directory has only one).
       mesh: where to place the parameters (default: replicated on the first local device).
+      param_dtype: HF directories only: the parameters' dtype (default: the checkpoint's).
 
     Returns:
       (model: gf_jax.model.Transformer, run_config: gf_jax.config.RunConfig, tokenizer).
       Only the parameters are read; the optimizer state stays on disk.
     """
+    from gf_jax.hf import is_hf_dir
+
+    if is_hf_dir(run_dir):
+        return _load_hf_model(run_dir, mesh=mesh, param_dtype=param_dtype)
+    return _load_run_model(run_dir, step, mesh=mesh)
+
+
+def _load_hf_model(hf_dir: str, *, mesh=None, param_dtype: str | None = None):
+    from gf_jax.hf.load import load_model as load_hf
+    from gf_jax.hf.runs import run_config
+    from gf_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(hf_dir)
+    overrides = {"param_dtype": param_dtype} if param_dtype else {}
+    config = run_config(hf_dir, tokenizer, **overrides)
+    return load_hf(hf_dir, config.model, mesh=mesh), config, tokenizer
+
+
+def _load_run_model(run_dir: str, step: int | None, *, mesh=None):
     from flax import nnx
 
     from gf_jax.config import config_from_dict
@@ -188,3 +224,70 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None):
     tokenizer = Tokenizer.load(find_tokenizer(run_dir, config))
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
     return model, config, tokenizer
+
+
+# ---- starting from a pretrained model (train.init_from) ---------------------------------------
+
+
+def split_step(path: str) -> tuple[str, int | None]:
+    """``"RUN_DIR@STEP"`` -> ``(RUN_DIR, STEP)``; a path without ``@N`` -> ``(path, None)``."""
+    head, sep, tail = str(path).rpartition("@")
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return str(path), None
+
+
+def pretrained_model_config(path: str) -> "ModelConfig":
+    """The architecture of ``path`` (an HF directory, a run directory, or ``RUN_DIR@STEP``) as a
+    ModelConfig; the caller may replace non-architecture fields (dtypes, remat, max_seq_len) and
+    must keep ``ARCHITECTURE_FIELDS`` (compare with :func:`check_compatible`)."""
+    from gf_jax.hf import is_hf_dir
+
+    path, step = split_step(path)
+    if is_hf_dir(path):
+        from gf_jax.hf.config import model_config_from_hf, read_config
+
+        return model_config_from_hf(read_config(path))
+    from gf_jax.config import config_from_dict
+
+    ckpt = Checkpointer(path, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{path} is neither a Hugging Face model directory nor a run with checkpoints; "
+                                    "set train.init_from to one of them.")
+        return config_from_dict(ckpt.saved_config(steps[-1] if step is None else step)).model
+    finally:
+        ckpt.close()
+
+
+def load_pretrained_params(path: str, abstract_state, shardings, model_config):
+    """The parameters of ``path`` (HF directory, run directory or ``RUN_DIR@STEP``) as an
+    ``nnx.State`` like ``abstract_state``, each array placed straight onto its ``shardings`` leaf
+    and cast to its abstract dtype. HF weights are read shard by shard from memory-mapped
+    safetensors; run checkpoints are restored by Orbax (parameters only, no optimizer state).
+    ``model_config`` is the config ``abstract_state`` was built from (architecture of ``path``)."""
+    from gf_jax.hf import is_hf_dir
+
+    path, step = split_step(path)
+    if is_hf_dir(path):
+        from gf_jax.hf.load import load_params
+
+        return load_params(path, abstract_state, shardings, model_config)
+    ckpt = Checkpointer(path, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step not in steps:
+            raise FileNotFoundError(f"{path} has no checkpoint of step {step}; it has steps {steps}.")
+        return ckpt.restore(step, abstract_model=abstract_with_shardings(abstract_state, shardings))["model"]
+    finally:
+        ckpt.close()
+
+
+def load_pretrained(path: str, *, mesh=None, param_dtype: str | None = None):
+    """``(model, ModelConfig, tokenizer)`` of an HF directory, run directory or ``RUN_DIR@STEP``
+    (parameters on ``mesh`` by the logical-axis rules, or on the first local device)."""
+    run_path, step = split_step(path)
+    model, config, tokenizer = load_model(run_path, step, mesh=mesh, param_dtype=param_dtype)
+    return model, config.model, tokenizer

@@ -446,12 +446,26 @@ def evaluate_run(run_dir: str, docs: list, heldout: list | None, args, mesh=None
     return result
 
 
+def _run_config(run: str):
+    """A run's saved config, or for a Hugging Face directory the config it is evaluated under."""
+    from gf_jax.config import load_config
+    from gf_jax.hf import is_hf_dir
+
+    if is_hf_dir(run):
+        from gf_jax.hf.runs import run_config
+        from gf_jax.tokenizer import Tokenizer
+
+        return run_config(run, Tokenizer.load(run))
+    return load_config(os.path.join(run, "config.yaml"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gf_jax.evaluate",
         description="Memorization (suffix extraction), membership inference and held-out loss of trained runs.",
     )
-    p.add_argument("--run", action="append", required=True, help="run directory (repeat for several models)")
+    p.add_argument("--run", action="append", required=True,
+                   help="run directory or Hugging Face model directory (repeat for several models)")
     p.add_argument("--name", action="append", help="model name in the report, one per --run (default: dir name)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--docs", required=True,
@@ -474,13 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from gf_jax.config import load_config
+    from gf_jax.hf import is_hf_dir
 
     names = _model_names(args.run, args.name)
     for run in args.run:
-        if not os.path.isfile(os.path.join(run, "config.yaml")):
-            raise FileNotFoundError(f"{run!r} has no config.yaml; pass a run directory written by gf_jax.train.")
-    first_config = load_config(os.path.join(args.run[0], "config.yaml"))
+        if not os.path.isfile(os.path.join(run, "config.yaml")) and not is_hf_dir(run):
+            raise FileNotFoundError(f"{run!r} has no config.yaml; pass a run directory written by gf_jax.train "
+                                    "or a Hugging Face model directory.")
+    first_config = _run_config(args.run[0])
     docs = _select(resolve_documents(args.docs, first_config.data, split_rule=args.split_rule),
                    args.doc_ids, args.max_docs)
     heldout = None

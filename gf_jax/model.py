@@ -36,6 +36,7 @@ from gf_jax.sharding import constrain
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REMAT = ("none", "full", "save_dots")
 _ATTENTION = ("auto", "xla", "cudnn")
+_ROPE_SCALING = ("none", "linear", "llama3")
 # Additive mask value: finite so a fully masked row (never produced here) cannot create NaNs.
 _MASK_VALUE = -1e30
 # Logical axes of the residual stream: batch-sharded, replicated along length and d_model. Without
@@ -72,6 +73,15 @@ class ModelConfig:
     remat: str = "none"
     attention: str = "auto"
     init_std: float = 0.02
+    # Pretrained-architecture features (gf_jax.hf imports them); the defaults are plain LLaMA.
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of each query/key head, before RoPE
+    rope_scaling: str = "none"  # "none" | "linear" | "llama3" (HF rope_scaling / rope_parameters)
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
+    sliding_window: int | None = None  # Mistral: recorded so max_seq_len can never exceed it
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -97,6 +107,15 @@ class ModelConfig:
             raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}.")
         if self.attention not in _ATTENTION:
             raise ValueError(f"model.attention must be one of {_ATTENTION}, got {self.attention!r}.")
+        if self.rope_scaling not in _ROPE_SCALING:
+            raise ValueError(f"model.rope_scaling must be one of {_ROPE_SCALING}, got {self.rope_scaling!r}.")
+        # Sliding-window attention is not implemented; it equals full attention while every
+        # sequence fits in the window, so the window caps the sequence length instead.
+        if self.sliding_window is not None and self.max_seq_len > self.sliding_window:
+            raise ValueError(
+                f"model.max_seq_len ({self.max_seq_len}) exceeds model.sliding_window ({self.sliding_window}), "
+                "and gf_jax has no sliding-window attention; set model.max_seq_len <= the window."
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -126,13 +145,42 @@ def rms_norm(x_BxTxD, scale_D, eps: float, dtype):
     return (x * scale_D.astype(jnp.float32)).astype(dtype)
 
 
-def apply_rope(x_BxTxNxH, positions_BxT, theta: float):
+def rope_inv_freq(config: ModelConfig):
+    """Scaled inverse frequencies ``inv_freq_Hh`` (float32 numpy) of ``config.rope_scaling``,
+    or None for plain RoPE (then :func:`apply_rope` computes them as it always has).
+
+    ``linear`` divides every frequency by the factor (positions / factor). ``llama3``
+    (LLaMA-3.1/3.2, HF ``modeling_rope_utils``) divides only the long wavelengths
+    (> original_len / low_freq_factor) by the factor, keeps the short ones
+    (< original_len / high_freq_factor) and interpolates smoothly in between.
+    """
+    if config.rope_scaling == "none":
+        return None
+    import numpy as np
+
+    h = config.resolved_head_dim
+    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h)))
+    factor = config.rope_scaling_factor
+    if config.rope_scaling == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32)
+    low, high, old_len = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, theta: float, inv_freq_Hh=None):
     """Rotary embedding, rotate-half convention (HF LLaMA): pairs are (i, i + H/2).
 
-    Angle of pair i at position p is ``p * theta ** (-2i / H)``. Computed in float32.
+    Angle of pair i at position p is ``p * theta ** (-2i / H)``, or ``p * inv_freq_Hh[i]`` when
+    scaled frequencies are given (:func:`rope_inv_freq`). Computed in float32.
     """
     h = x_BxTxNxH.shape[-1]
-    inv_freq_Hh = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    if inv_freq_Hh is None:
+        inv_freq_Hh = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
     angle_BxTxHh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hh
     cos = jnp.cos(angle_BxTxHh)[:, :, None, :]
     sin = jnp.sin(angle_BxTxHh)[:, :, None, :]
@@ -261,13 +309,27 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), wd)
         self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), wd)
         self.wo = _param(rngs, init, (n, h, d), ("heads", "head_dim", "embed"), wd)
+        if config.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.bq = _param(rngs, zeros, (n, h), ("heads", "head_dim"), wd)
+            self.bk = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), wd)
+            self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), wd)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config)
+            self.k_norm = RMSNorm(h, config)
 
     def _qkv(self, x_BxTxD, positions_BxT, dtype):
-        theta = self.config.rope_theta
+        c = self.config
         q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wv[...].astype(dtype))
-        return apply_rope(q, positions_BxT, theta), apply_rope(k, positions_BxT, theta), v
+        if c.qkv_bias:
+            q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
+        if c.qk_norm:
+            q, k = self.q_norm(q, dtype), self.k_norm(k, dtype)
+        inv_freq_Hh = rope_inv_freq(c)
+        return (apply_rope(q, positions_BxT, c.rope_theta, inv_freq_Hh),
+                apply_rope(k, positions_BxT, c.rope_theta, inv_freq_Hh), v)
 
     def _out(self, o_BxTxNxH, dtype):
         return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, self.wo[...].astype(dtype))
@@ -438,7 +500,10 @@ def _block_matmul_params(config: ModelConfig) -> int:
 
 def param_count(config: ModelConfig) -> int:
     """Number of trainable parameters (embedding, blocks, norms, and the head unless tied)."""
+    h = config.resolved_head_dim
     per_block = _block_matmul_params(config) + 2 * config.d_model
+    per_block += (config.n_heads + 2 * config.n_kv_heads) * h if config.qkv_bias else 0
+    per_block += 2 * h if config.qk_norm else 0
     head = 0 if config.tie_embeddings else config.d_model * config.vocab_size
     return config.vocab_size * config.d_model + config.n_layers * per_block + config.d_model + head
 

@@ -73,12 +73,19 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
-        """Loads a sentencepiece ``.model`` file (raises FileNotFoundError with the path)."""
+        """Loads a sentencepiece ``.model`` file, or a Hugging Face ``tokenizer.json`` / model
+        directory (an ``HFTokenizer`` with the same interface, see ``gf_jax.hf.tokenizer``);
+        raises FileNotFoundError with the path."""
         from gf_jax import rundir
+        from gf_jax.hf import tokenizer as hf_tokenizer
 
         path = os.fspath(path)
         if rundir.is_url(path) and rundir.exists(path):  # e.g. gs://bucket/run/tokenizer.model
             path = rundir.localize(path)
+        if os.path.isdir(path):
+            return hf_tokenizer.load_directory(path)
+        if hf_tokenizer.is_tokenizer_json(path):
+            return hf_tokenizer.HFTokenizer(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"tokenizer model {path!r} does not exist; set data.tokenizer to a sentencepiece "

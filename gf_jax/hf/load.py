@@ -1,0 +1,96 @@
+"""Loading a Hugging Face directory's weights straight onto their device shards.
+
+Every parameter is built with ``jax.make_array_from_callback``: the callback runs once per
+addressable shard and reads only that shard's rows/columns from the memory-mapped safetensors
+file, converted to gf_jax's layout. A process therefore reads only what its own devices hold
+(multi-process runs included), and after each parameter its file pages are dropped, so the host
+never holds a second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gf_jax.hf import weights
+from gf_jax.hf.safetensors_io import SafetensorsReader
+from gf_jax.model import ModelConfig, Transformer
+
+
+def _check_tensors(reader: SafetensorsReader, names: dict, config: ModelConfig, hf_dir: str) -> None:
+    wanted = {hf for hf, _ in names.values()}
+    missing = sorted(wanted - set(reader.files))
+    if missing:
+        raise ValueError(f"{hf_dir!r} lacks tensor {missing[0]} that its config.json implies; "
+                         "the checkpoint does not match its config (re-download or re-export it).")
+    extra = [n for n in reader.files if n not in wanted and not n.endswith(weights.IGNORED_SUFFIXES)
+             and not (config.tie_embeddings and n == "lm_head.weight")]  # tied: HF ignores a stored head
+    if extra:
+        raise ValueError(f"{hf_dir!r} has tensor {sorted(extra)[0]}, a feature gf_jax's model lacks; "
+                         "only LLaMA/Mistral/Qwen2/Qwen3 layouts can be imported.")
+
+
+def load_params(hf_dir: str, abstract_state, shardings, config: ModelConfig):
+    """Reads the parameters of ``hf_dir`` into an ``nnx.State`` shaped like ``abstract_state``.
+
+    Args:
+      hf_dir: a Hugging Face model directory (safetensors weights).
+      abstract_state: ``nnx.split(nnx.eval_shape(lambda: Transformer(config, ...)))[1]``; its
+        leaves' dtypes are the dtypes the arrays get (the checkpoint's are cast).
+      shardings: a matching tree of ``jax.sharding.Sharding`` (e.g. from
+        ``gf_jax.sharding.model_shardings``): where each array is placed.
+      config: the ModelConfig ``abstract_state`` was built from.
+    """
+    reader = SafetensorsReader(hf_dir)
+    names = weights.parameter_names(config)
+    _check_tensors(reader, names, config, hf_dir)
+    flat_abstract = nnx.to_flat_state(abstract_state)
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    leaves = []
+    for path, variable in flat_abstract:
+        hf_name, layout = names[path]
+        shape, dtype = variable.shape, variable.dtype
+        expected = weights.hf_shape(layout, shape)
+        if reader.shape(hf_name) != expected:
+            raise ValueError(f"tensor {hf_name} in {hf_dir!r} has shape {reader.shape(hf_name)}, but its "
+                             f"config.json implies {expected}; the checkpoint does not match its config.")
+        view = reader.view(hf_name)
+        sharding = flat_shardings[path]
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        array = jax.make_array_from_callback(
+            shape, sharding, lambda index: weights.read_block(view, layout, shape, index).astype(dtype, copy=False)
+        )
+        array.block_until_ready()  # the pages may be dropped only once the shards hold copies
+        del view
+        reader.release(hf_name)
+        leaves.append((path, variable.replace(array)))
+    return nnx.from_flat_state(leaves)
+
+
+def abstract_model(config: ModelConfig):
+    """(graphdef, abstract_state) of ``config``'s Transformer; nothing is allocated."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def default_shardings(abstract_state, mesh=None):
+    """Shardings by the logical-axis rules on ``mesh``, or the first local device when None."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, abstract_state)
+    from gf_jax.sharding import model_shardings
+
+    return model_shardings(abstract_state, mesh)
+
+
+def load_model(hf_dir: str, config: ModelConfig, *, mesh=None):
+    """The ``Transformer`` of ``hf_dir`` with ``config`` (see :func:`gf_jax.hf.model_config`)."""
+    graphdef, abstract_state = abstract_model(config)
+    state = load_params(hf_dir, abstract_state, default_shardings(abstract_state, mesh), config)
+    return nnx.merge(graphdef, state)
+
+
+def numpy_state(model) -> dict[tuple, np.ndarray]:
+    """Host copies of every parameter, by state path (for tests and small models)."""
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
