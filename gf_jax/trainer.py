@@ -24,15 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gf_jax import distributed, rundir
+from gf_jax import distributed, pretrained, rundir
 from gf_jax.batch import Batch
 from gf_jax.checkpoint import (
-    ARCHITECTURE_FIELDS,
-    TOKENIZER_FILE,
     Checkpointer,
     abstract_with_shardings,
     check_compatible,
-    load_model,
 )
 from gf_jax.config import RunConfig, save_config, to_dict
 from gf_jax.distributed import is_main_process
@@ -52,29 +49,21 @@ def resolve_tokenizer(config: RunConfig, run_dir: str):
     from gf_jax import data as data_lib
     from gf_jax.tokenizer import Tokenizer, corpus_tokenizer
 
-    local = rundir.join(run_dir, TOKENIZER_FILE)
+    existing = pretrained.existing_tokenizer_copy(run_dir)
     if config.data.tokenizer:
         tokenizer = Tokenizer.load(config.data.tokenizer)
-        if rundir.exists(local) and not rundir.same_content(local, tokenizer.path):
-            if rundir.absolute(local) != rundir.absolute(config.data.tokenizer):
+        if existing and not rundir.same_content(pretrained.tokenizer_file(existing), tokenizer.path):
+            if rundir.absolute(existing) != rundir.absolute(config.data.tokenizer):
                 raise ValueError(
-                    f"{run_dir} was trained with a different tokenizer ({local}) than data.tokenizer="
+                    f"{run_dir} was trained with a different tokenizer ({existing}) than data.tokenizer="
                     f"{config.data.tokenizer}; drop the data.tokenizer setting or choose a new train.run_dir."
                 )
-    elif rundir.exists(local):
-        tokenizer = Tokenizer.load(local)
+    elif existing:
+        tokenizer = Tokenizer.load(existing)
     else:
         tokenizer = corpus_tokenizer(config.data)
     data_lib.check_vocab_fits(tokenizer, config.model.vocab_size)
-    return tokenizer, local
-
-
-def _parse_init_from(spec: str) -> tuple[str, int | None]:
-    """``RUN_DIR`` or ``RUN_DIR@STEP``."""
-    path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
-    if step and not step.isdigit():
-        raise ValueError(f"train.init_from={spec} must be a run directory or RUN_DIR@STEP with a step number.")
-    return path, int(step) if step else None
+    return tokenizer, existing or pretrained.tokenizer_copy_path(run_dir, tokenizer)
 
 
 class Trainer:
@@ -105,10 +94,9 @@ class Trainer:
     def _setup(self, config: RunConfig, devices) -> None:
         from gf_jax import sharding as sharding_lib
 
-        t = config.train
-        self.run_dir = t.run_dir
+        config = pretrained.apply_init_from(config)  # the architecture (and tokenizer) of train.init_from
+        self.run_dir = config.train.run_dir
         self.resume_step = self._check_resume(config)
-        self._check_init_from(config)
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self._check_batch_fits_mesh(config)
         self.tokenizer, tokenizer_copy = resolve_tokenizer(config, self.run_dir)
@@ -167,8 +155,10 @@ class Trainer:
         if self.resume_step is None:
             self.step = 0
             self.model_state, self.opt_state = fns.init()
-            if self.config.train.init_from:
-                self.start_from(self._init_from_model(self.config.train.init_from))
+            spec = self.config.train.init_from
+            if spec:
+                self.start_from(pretrained.load_init_params(spec, fns, self.config.model))
+                self.log(f"[gf_jax.train] parameters from {spec} (fresh optimizer)")
             return
         restored = self.checkpointer.restore(
             self.resume_step,
@@ -182,43 +172,13 @@ class Trainer:
         self.input_tokens_at_start = int(loop["input_tokens"])
         self.step = self.resume_step
 
-    def _check_init_from(self, config: RunConfig) -> None:
-        """``train.init_from`` names a run whose model is this run's, checked before anything compiles."""
-        spec = config.train.init_from
-        if not spec or self.resume_step is not None:  # a resumed run continues its own parameters
-            return
-        path, step = _parse_init_from(spec)
-        source = Checkpointer(path, async_save=False)
-        try:
-            steps = source.all_steps()
-            if not steps or (step is not None and step not in steps):
-                raise ValueError(
-                    f"train.init_from={spec}: {path} has no checkpoint {'' if step is None else f'of step {step} '}"
-                    f"(it has {steps or 'none'}); name a trained run directory (RUN_DIR or RUN_DIR@STEP)."
-                )
-            saved = source.saved_config(step if step is not None else steps[-1])["model"]
-        finally:
-            source.close()
-        for name in ARCHITECTURE_FIELDS:
-            if saved.get(name) != getattr(config.model, name):
-                raise ValueError(
-                    f"train.init_from={spec} holds another model (model.{name} is {saved.get(name)!r} there, "
-                    f"{getattr(config.model, name)!r} here); use its model settings."
-                )
-
-    def _init_from_model(self, spec: str):
-        path, step = _parse_init_from(spec)
-        model, _, _ = load_model(path, step, mesh=self.mesh)
-        self.log(f"[gf_jax.train] parameters from {spec} (fresh optimizer)")
-        return model
-
     def _write_run_files(self, tokenizer_copy: str) -> None:
         """The run directory's config and tokenizer, written only once every check has passed."""
         if not is_main_process():
             return
         rundir.makedirs(self.run_dir)
         if not rundir.exists(tokenizer_copy):
-            rundir.copy_file(self.tokenizer.path, tokenizer_copy)
+            pretrained.write_tokenizer_copy(self.tokenizer, tokenizer_copy, self.config.train.init_from)
         save_config(self.config, rundir.join(self.run_dir, "config.yaml"))
 
     def _setup_tracker(self) -> None:

@@ -298,7 +298,7 @@ def test_init_from_starts_with_that_runs_parameters_and_a_fresh_optimizer(refere
             trainer.start_from(nnx.state(nnx.eval_shape(lambda: Transformer(deeper, rngs=nnx.Rngs(0)))))
     finally:
         trainer.close()
-    with pytest.raises(ValueError, match=r"holds another model \(model\.d_model is 32 there, 48 here\)"):
+    with pytest.raises(ValueError, match=r"has model\.d_model=32 but the config sets 48; remove model\.d_model"):
         Trainer(small_config(tokenizer_path, str(tmp_path / "ft2"), f"train.init_from={reference_run}",
                              "model.d_model=48"))
 
