@@ -150,3 +150,22 @@ def test_rows_per_epoch_matches_the_pipeline():
     for mode in ("packed", "document"):
         it = BatchIterator(tokens, global_batch=2, seq_len=16, mode=mode, process_index=0, process_count=1, prefetch=0)
         assert data.rows_per_epoch(lengths, 16, mode) == it.rows_per_epoch
+
+
+def test_memorization_fine_tunes_a_hugging_face_model(tmp_path):
+    """--init-from an HF directory: the architecture and tokenizer come from it (no model.* keys)."""
+    import yaml
+
+    preset = preset_path("memorization", "smoke", memorization.PRESET_ALIASES)
+    with open(preset) as f:
+        values = yaml.safe_load(f)
+    values["model"] = {"max_seq_len": 64}
+    values["data"].pop("vocab_size")
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(values))
+    hf_dir = os.path.join(REPO, "tests", "fixtures", "hf", "llama3")
+    result = memorization.run(["--config", str(path), "--out", str(tmp_path / "out"), "--devices", "1",
+                               "--arms", "standard", "--init-from", hf_dir])
+    assert result["meta"]["tokenizer"] == os.path.join(hf_dir, "tokenizer.json")
+    assert result["meta"]["vocab_size"] == 320  # the fixture's tokenizer, not one trained on the corpus
+    _check_arm_rows({"standard": result["arms"]["standard"]}, 3)

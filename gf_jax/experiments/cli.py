@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from gf_jax.experiments.arms import REPO, load_experiment, preset_path
+from gf_jax.experiments.arms import REPO, load_experiment, preset_path, replace_sections
 
 
 def experiment_parser(prog: str | None, doc: str, kind: str, presets: str) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, kind: str, override_examp
     """--out, --init-from, --devices, --fresh and the ``section.key=value`` overrides."""
     parser.add_argument("--out", default=None, help=f"output directory (default: runs/{kind}_<preset>)")
     parser.add_argument("--init-from", default=None,
-                        help="start every arm from this run directory's weights (RUN_DIR or RUN_DIR@STEP)")
+                        help="start every arm from a pretrained model: an HF directory, RUN_DIR or RUN_DIR@STEP")
     parser.add_argument("--devices", type=int, default=0, help="train on the first N devices (0 = all)")
     parser.add_argument("--fresh", action="store_true", help="retrain arms whose run directories exist")
     parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {override_example}")
@@ -35,9 +35,21 @@ def resolve_experiment(args, kind: str, aliases: dict[str, str], overrides: Sequ
     path = args.config or preset_path(kind, args.preset, aliases)
     preset = os.path.splitext(os.path.basename(args.config))[0] if args.config else args.preset
     exp, base = load_experiment(path, overrides, experiment_cls)
+    base = _with_pretrained(base, args.init_from)
     out = args.out or os.path.join("runs", f"{kind}_{preset}")
     os.makedirs(out, exist_ok=True)
     return path, preset, exp, base, out
+
+
+def _with_pretrained(base, init_from: str | None):
+    """``base`` with the architecture and tokenizer of ``--init-from`` (or ``train.init_from``): the
+    documents are cut with the pretrained model's tokenizer before any arm trains."""
+    from gf_jax.pretrained import apply_init_from
+
+    init_from = init_from or base.train.init_from
+    if not init_from:
+        return base
+    return apply_init_from(replace_sections(base, train={"init_from": init_from}))
 
 
 def script_command() -> str:
