@@ -347,7 +347,7 @@ def _reshard(x, mesh, spec):
 
 
 def _matmul_head(w_DxV, D: int):
-    w_DxV = jnp.asarray(w_DxV) if not isinstance(w_DxV, jax.Array) else w_DxV
+    w_DxV = jnp.asarray(w_DxV)
     if w_DxV.ndim != 2 or w_DxV.shape[0] != D:
         raise ValueError(
             f"w_DxV shape {w_DxV.shape} must be (D, V) with D = {D}, the hidden states' last axis "
@@ -356,7 +356,7 @@ def _matmul_head(w_DxV, D: int):
     w_DxV = _unshard(w_DxV, 0)
 
     def head_fn(hidden_BxExD):
-        return jnp.einsum("bed,dv->bev", _unshard(hidden_BxExD, 2), w_DxV.astype(hidden_BxExD.dtype))
+        return jnp.einsum("bed,dv->bev", hidden_BxExD, w_DxV.astype(hidden_BxExD.dtype))
 
     return head_fn
 
@@ -382,7 +382,10 @@ def chunked_goldfish_terms(
     B, T, D = hidden_BxTxD.shape
     targets_BxT = _targets(targets_BxT, (B, T), "hidden_BxTxD.shape[:-1]")
     drop_BxT, valid_BxT = _mask_args(targets_BxT, config, weights_BxT, pad_id, positions_BxT, context_BxC, rng, table)
-    head_fn = head if callable(head) else _matmul_head(head, D)
+    head_fn = head
+    if not callable(head):
+        head_fn = _matmul_head(head, D)
+        hidden_BxTxD = _unshard(hidden_BxTxD, 2)  # contracted with w_DxV's gathered D axis
 
     E = min(chunk_size, T)
     M = -(-T // E)
