@@ -1,14 +1,16 @@
-"""Goldfish loss: a deterministic, context-hashed ~1/k of targets is left out of the loss.
+"""Goldfish mask: a deterministic, context-hashed ~1/k of targets is left out of the loss.
 
-Everything here is pure JAX (no flax, no numpy at trace time beyond constants), traceable under
-`jit`/`vmap`/`shard_map`, with static shapes and no host round trip. Import it into any training
-step::
+This module decides *which* targets are dropped (``GoldfishConfig``, ``goldfish_mask``) and
+derives document positions when a pipeline has none (``positions_from_segment_ids``,
+``positions_from_bos``); the loss itself lives in ``gf_jax.loss`` (``loss_fn``, ``chunked_loss_fn``,
+``goldfish_sums``, ...; also reachable as ``gf_jax.goldfish.loss_fn`` for older imports). Pure JAX,
+traceable under ``jit``/``vmap``/``pmap``/``shard_map``, with static shapes. In a training step::
 
-    from gf_jax import GoldfishConfig, loss_fn
-    loss, aux = loss_fn(logits_BxTxV, targets_BxT, GoldfishConfig(k=4, h=13))
+    import gf_jax
+    loss, aux = gf_jax.loss_fn(logits_BxTxV, targets_BxT, gf_jax.GoldfishConfig(k=4, h=13))
 
-Array names carry their shapes (legend: docs/conventions.md): B batch rows, T targets per row,
-V vocabulary, D model width, C row-context width, M loss chunks, E targets per chunk.
+Array names carry their shapes: B batch rows, T targets per row, V vocabulary, D model width,
+C row-context width, M loss chunks, E targets per chunk.
 
 Strategies (``GoldfishConfig.strategy``):
 
@@ -17,7 +19,9 @@ Strategies (``GoldfishConfig.strategy``):
   bucket. Given ``positions_BxT`` (index of each target within its document) the mask of a
   passage does not depend on how it was packed or chunked; targets whose context reaches before
   the row (a row that starts mid-document) are dropped, so no token the full-context hash drops
-  is ever supervised.
+  is ever supervised. A document's first target has an empty window, so its fate depends on
+  ``seed`` and ``k`` alone: every document's first target is dropped or none is (none with
+  ``seed=0``, for every k >= 2).
 * ``hash-table``: the reference implementation's rule, bit for bit (see ``_hash_table_drop``).
 * ``static``: every k-th target of each document, from ``start``.
 * ``random``: Bernoulli(1/k) per target from ``rng`` (repetition fills the holes; a baseline).
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,10 @@ _U32 = jnp.uint32
 @dataclasses.dataclass(frozen=True)
 class GoldfishConfig:
     """Which targets goldfish loss leaves out.
+
+    A static pytree node with no leaves (``jax.tree_util.register_static``): it can be passed as an
+    ordinary argument to ``jax.jit``, ``nnx.jit``, ``pmap`` or ``scan`` and is part of the cache key,
+    never traced. It is hashable and compares by value.
 
     Attributes:
       strategy: one of ``none | static | hash | hash-table | random``.
@@ -86,6 +93,9 @@ class GoldfishConfig:
         if isinstance(ids, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError(f"goldfish never_drop_ids must be a list of integer token ids, got {ids!r}.")
         object.__setattr__(self, "never_drop_ids", tuple(sorted(set(int(i) for i in ids))))
+
+
+jax.tree_util.register_static(GoldfishConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +279,9 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, co
       targets_BxT: integer target ids (the next tokens), any leading batch shape.
       config: a GoldfishConfig.
       positions_BxT: index of each target among its document's targets (0 = the document's first
-        target). Without it, every row starts a document. Used by ``hash`` and ``static``.
+        target): lm1b's and Gemma's ``inputs_position``; *not* segment ids (derive positions from
+        those with ``positions_from_segment_ids``). Without it, every row starts a document. Used
+        by ``hash`` and ``static``.
       context_BxC: optional, for ``hash``: the C targets that precede column 0 in the same document,
         oldest first (``context[:, -1]`` is the target just before column 0; entries before the
         document's start are ignored). With C >= h a row that starts mid-document gets exactly
@@ -281,20 +293,21 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, co
         raise ValueError(f"goldfish_mask needs a GoldfishConfig, got {type(config).__name__}.")
     targets_BxT = jnp.asarray(targets_BxT)
     if not jnp.issubdtype(targets_BxT.dtype, jnp.integer):
-        raise ValueError(f"targets must be integer token ids, got dtype {targets_BxT.dtype}.")
+        raise ValueError(f"targets_BxT must be integer token ids, got dtype {targets_BxT.dtype}.")
     if positions_BxT is None:
         positions_BxT = _default_positions(targets_BxT)
     else:
-        positions_BxT = jnp.asarray(positions_BxT)
-        if positions_BxT.shape != targets_BxT.shape:
+        positions_BxT = check_like(positions_BxT, targets_BxT, "positions_BxT")
+        if not jnp.issubdtype(positions_BxT.dtype, jnp.integer):
             raise ValueError(
-                f"positions shape {positions_BxT.shape} must equal targets shape {targets_BxT.shape}."
+                f"positions_BxT must be integer positions within each document, got dtype {positions_BxT.dtype}."
             )
     if context_BxC is not None:
         context_BxC = jnp.asarray(context_BxC)
         if context_BxC.shape[:-1] != targets_BxT.shape[:-1]:
             raise ValueError(
-                f"context shape {context_BxC.shape} must be targets' batch shape {targets_BxT.shape[:-1]} + (C,)."
+                f"context_BxC shape {context_BxC.shape} must be the targets' batch shape "
+                f"{targets_BxT.shape[:-1]} + (C,)."
             )
 
     if config.strategy == "none":
@@ -316,252 +329,77 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, co
     return drop_BxT
 
 
+
+
+def check_like(x, targets_BxT, name: str):
+    """``x`` as an array of the targets' shape, or a ValueError naming the argument."""
+    x = jnp.asarray(x)
+    if x.shape != targets_BxT.shape:
+        hint = " (drop the trailing axis of size 1)" if x.shape == (*targets_BxT.shape, 1) else ""
+        raise ValueError(f"{name} shape {x.shape} must equal targets_BxT shape {targets_BxT.shape}{hint}.")
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
-# Loss.
+# Positions for pipelines that have none.
+
+# Position given to the targets of a row's leading, continued document (one that began before the
+# row): any value >= h means "full window", so ``hash`` drops the first h of them unless
+# ``context_BxC`` supplies their predecessors. 2**20 leaves room for rows of ~10**9 columns.
+CONTINUED = 2**20
 
 
-def token_cross_entropy(logits_BxTxV, targets_BxT):
-    """Float32 per-target cross-entropy and log-partition: (xent_BxT, logz_BxT).
+def _positions_from_starts(starts_BxT, row_starts_document: bool):
+    columns_BxT = _columns_like(starts_BxT)
+    if row_starts_document:
+        starts_BxT = starts_BxT | (columns_BxT == 0)
+    start_BxT = jax.lax.cummax(jnp.where(starts_BxT, columns_BxT, -1), axis=starts_BxT.ndim - 1)
+    return jnp.where(start_BxT < 0, columns_BxT + CONTINUED, columns_BxT - start_BxT)
 
-    Targets outside [0, V) (e.g. an ignore index of -1) give finite garbage; mask them out.
+
+def positions_from_segment_ids(segment_ids_BxT, *, row_starts_document: bool = True):
+    """``positions_BxT`` of packed rows from their segment ids: 0 where the id changes, +1 after.
+
+    A new document starts wherever a row's segment id differs from the column before (padding is
+    its own segment; weights or ``pad_id`` keep it out of the loss). ``row_starts_document=False``
+    says the row's first segment began before the row (a pipeline that cuts documents across rows):
+    its targets get positions from ``CONTINUED`` on, so ``hash`` drops its first h targets unless
+    ``context_BxC`` is given (see ``goldfish_mask``). Segment ids are per *input* column, like
+    lm1b's ``inputs_segmentation``; the positions are those of the targets predicted there.
     """
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    V = logits_BxTxV.shape[-1]
-    safe_targets_BxT = jnp.clip(targets_BxT, 0, V - 1).astype(jnp.int32)
-    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, safe_targets_BxT[..., None], axis=-1)[..., 0]
-    return logz_BxT - target_logit_BxT, logz_BxT
+    segment_ids_BxT = jnp.asarray(segment_ids_BxT)
+    previous_BxT = _shift_right(segment_ids_BxT, 1, jnp.asarray(0, segment_ids_BxT.dtype))
+    starts_BxT = (segment_ids_BxT != previous_BxT) & (_columns_like(segment_ids_BxT) > 0)
+    return _positions_from_starts(starts_BxT, row_starts_document)
 
 
-class LossSums(NamedTuple):
-    """Sums of one batch's goldfish loss that add over micro-batches, steps and hosts.
+def positions_from_bos(inputs_BxT, bos_id: int, *, row_starts_document: bool = False):
+    """``positions_BxT`` from BOS tokens in the model's inputs: 0 at each BOS, +1 after.
 
-    The one place where the loss formula and the reported ratios are written: a loss computed from
-    sums added over micro-batches divides once, so micro-batches that keep different numbers of
-    targets are weighted correctly. A pytree (scans, psums and ``jax.device_get`` take it whole).
+    Target t is predicted at input column t, so a document's first target (the token after BOS)
+    gets position 0. Tokens before a row's first BOS belong to a document that began in an earlier
+    row (nanodo-style rows cut from one long token stream): unless ``row_starts_document=True``
+    they get positions from ``CONTINUED`` on, and ``hash`` drops their first h targets (their
+    context lies before the row) unless ``context_BxC`` supplies it. No supervised target is then
+    one that the full-document mask drops.
     """
-
-    xent_sum: Any           # float32: cross-entropy over kept targets (carries the gradient)
-    z_sum: Any              # float32: logsumexp(logits)**2 over kept targets (carries the gradient)
-    xent_all_sum: Any       # float32: cross-entropy over all valid targets (no gradient)
-    xent_dropped_sum: Any   # float32: cross-entropy over dropped targets (no gradient)
-    n_kept: Any             # int32: kept targets
-    n_dropped: Any          # int32: dropped targets
-    n_valid: Any            # int32: valid targets (kept + dropped)
-
-    @classmethod
-    def zeros(cls) -> "LossSums":
-        f32, i32 = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-        return cls(f32, f32, f32, f32, i32, i32, i32)
-
-    def add(self, other: "LossSums") -> "LossSums":
-        return jax.tree.map(lambda a, b: a + b, self, other)
-
-    def objective(self, z_loss: float = 0.0):
-        """What training differentiates: the loss before its division by the kept count."""
-        return self.xent_sum + z_loss * self.z_sum
-
-    def loss(self, z_loss: float = 0.0):
-        """The goldfish loss: one mean over every kept target of the batch, never per sequence."""
-        return self.objective(z_loss) / _at_least_one(self.n_kept)
-
-    def ratios(self) -> dict[str, Any]:
-        """``loss_kept``, ``loss_all``, ``loss_dropped`` and ``drop_fraction`` (no gradient)."""
-
-        def ratio(num, den):
-            return jax.lax.stop_gradient(num) / _at_least_one(den)
-
-        return {
-            "loss_kept": ratio(self.xent_sum, self.n_kept),
-            "loss_all": ratio(self.xent_all_sum, self.n_valid),
-            "loss_dropped": ratio(self.xent_dropped_sum, self.n_dropped),
-            "drop_fraction": ratio(jnp.asarray(self.n_dropped, jnp.float32), self.n_valid),
-        }
-
-    def summary(self) -> dict[str, Any]:
-        """The sums and the ratios in one flat dict (``loss_fn``'s ``aux``)."""
-        return {**self._asdict(), **self.ratios()}
+    inputs_BxT = jnp.asarray(inputs_BxT)
+    return _positions_from_starts(inputs_BxT == bos_id, row_starts_document)
 
 
-def _at_least_one(count):
-    return jnp.maximum(1, count).astype(jnp.float32)
+# ---------------------------------------------------------------------------------------------
+# The loss lives in gf_jax.loss; these names stay importable from here for older code.
+
+_LOSS_NAMES = (
+    "LossSums", "TokenTerms", "chunked_goldfish_sums", "chunked_goldfish_terms", "chunked_loss_fn",
+    "goldfish_sums", "goldfish_terms", "loss_fn",
+    "loss_sums", "reduce_loss", "summarize", "token_cross_entropy",
+)
 
 
-def loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT) -> LossSums:
-    """The LossSums of per-target cross-entropy and log-partition under a drop and a valid mask.
+def __getattr__(name):
+    if name in _LOSS_NAMES:
+        from gf_jax import loss
 
-    Gradients are exactly zero at dropped and invalid targets.
-    """
-    drop_BxT = drop_BxT & valid_BxT
-    kept_BxT = valid_BxT & ~drop_BxT
-    zero = jnp.zeros((), jnp.float32)
-    xent_stopped_BxT = jax.lax.stop_gradient(xent_BxT)
-    return LossSums(
-        xent_sum=jnp.sum(jnp.where(kept_BxT, xent_BxT, zero)),
-        z_sum=jnp.sum(jnp.where(kept_BxT, jnp.square(logz_BxT), zero)),
-        xent_all_sum=jnp.sum(jnp.where(valid_BxT, xent_stopped_BxT, zero)),
-        xent_dropped_sum=jnp.sum(jnp.where(drop_BxT, xent_stopped_BxT, zero)),
-        n_kept=jnp.sum(kept_BxT, dtype=jnp.int32),
-        n_dropped=jnp.sum(drop_BxT, dtype=jnp.int32),
-        n_valid=jnp.sum(valid_BxT, dtype=jnp.int32),
-    )
-
-
-def reduce_loss(xent_BxT, logz_BxT, drop_BxT, valid_BxT, z_loss: float = 0.0):
-    """One global mean over kept, valid targets, plus the sums training accumulates.
-
-    Returns (loss, aux). ``aux`` holds the sums of ``LossSums`` (``xent_sum``, ``xent_all_sum``,
-    ``xent_dropped_sum``, ``z_sum``, ``n_kept``, ``n_dropped``, ``n_valid``) that add over
-    micro-batches, and the ratios ``loss_kept``, ``loss_all``, ``loss_dropped``, ``drop_fraction``
-    computed from them (see ``summarize``). Gradients are exactly zero at dropped and invalid targets.
-    """
-    sums = loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
-    return sums.loss(z_loss), sums.summary()
-
-
-def summarize(sums: dict[str, Any]) -> dict[str, Any]:
-    """Adds the ratios (``loss_kept``, ``loss_all``, ``loss_dropped``, ``drop_fraction``) to sums.
-
-    Works on one batch's sums or on sums added over micro-batches / steps: the division happens
-    once, so micro-batches that keep different numbers of targets are weighted correctly.
-    """
-    return {**sums, **LossSums(**{k: sums[k] for k in LossSums._fields}).ratios()}
-
-
-def _valid_mask(targets_BxT, weights_BxT):
-    valid_BxT = targets_BxT >= 0
-    if weights_BxT is not None:
-        valid_BxT = valid_BxT & (jnp.asarray(weights_BxT) > 0)
-    return valid_BxT
-
-
-def goldfish_sums(
-    logits_BxTxV,
-    targets_BxT,
-    config: GoldfishConfig,
-    *,
-    weights_BxT=None,
-    positions_BxT=None,
-    context_BxC=None,
-    rng=None,
-    table=None,
-) -> LossSums:
-    """The ``LossSums`` of a batch under goldfish loss (arguments as in ``loss_fn``)."""
-    targets_BxT = jnp.asarray(targets_BxT)
-    drop_BxT = goldfish_mask(
-        targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
-    )
-    xent_BxT, logz_BxT = token_cross_entropy(logits_BxTxV, targets_BxT)
-    return loss_sums(xent_BxT, logz_BxT, drop_BxT, _valid_mask(targets_BxT, weights_BxT))
-
-
-def loss_fn(
-    logits_BxTxV,
-    targets_BxT,
-    config: GoldfishConfig,
-    *,
-    weights_BxT=None,
-    positions_BxT=None,
-    context_BxC=None,
-    z_loss: float = 0.0,
-    rng=None,
-    table=None,
-):
-    """Goldfish next-token loss: mean float32 cross-entropy over kept, valid targets.
-
-    Args:
-      logits_BxTxV: logits of any float dtype (log-softmax is done in float32).
-      targets_BxT: target ids; negative ids are invalid (an ignore index).
-      config: GoldfishConfig (``GoldfishConfig(strategy="none")`` is the standard loss).
-      weights_BxT: optional, 0 marks padding; invalid targets are neither kept nor dropped.
-      positions_BxT: index of each target within its document (see ``goldfish_mask``).
-      context_BxC: targets preceding each row in its document (see ``goldfish_mask``).
-      z_loss: coefficient of the auxiliary ``logsumexp(logits)**2`` term over kept targets.
-      rng, table: passed to ``goldfish_mask`` (``random`` and ``hash-table`` strategies).
-
-    Returns:
-      (loss, aux): loss = (sum of kept cross-entropy + z_loss * sum of logz**2) / max(1, n_kept),
-      one mean over the whole batch, never per sequence. ``aux`` is described in ``reduce_loss``.
-    """
-    sums = goldfish_sums(
-        logits_BxTxV, targets_BxT, config, weights_BxT=weights_BxT, positions_BxT=positions_BxT,
-        context_BxC=context_BxC, rng=rng, table=table,
-    )
-    return sums.loss(z_loss), sums.summary()
-
-
-def chunked_goldfish_sums(
-    hidden_BxTxD,
-    w_DxV,
-    targets_BxT,
-    config: GoldfishConfig,
-    *,
-    weights_BxT=None,
-    positions_BxT=None,
-    context_BxC=None,
-    rng=None,
-    table=None,
-    chunk_size: int = 128,
-) -> LossSums:
-    """``goldfish_sums(hidden_BxTxD @ w_DxV, ...)`` without ever holding the B x T x V logits.
-
-    The sequence is cut into M chunks of E = ``chunk_size`` targets; each chunk's logits are made,
-    reduced to per-target cross-entropy and discarded, under ``jax.checkpoint`` so the backward
-    pass recomputes them per chunk instead of storing them. The matmul runs in the dtype of the
-    inputs; the log-softmax in float32.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    targets_BxT = jnp.asarray(targets_BxT)
-    B, T, D = hidden_BxTxD.shape
-    drop_BxT = goldfish_mask(
-        targets_BxT, config, positions_BxT=positions_BxT, context_BxC=context_BxC, rng=rng, table=table
-    )
-    valid_BxT = _valid_mask(targets_BxT, weights_BxT)
-
-    E = min(chunk_size, T)
-    M = -(-T // E)
-    pad = M * E - T
-    hidden_pad_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    targets_pad_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    hidden_MxBxExD = hidden_pad_BxTxD.reshape(B, M, E, D).swapaxes(0, 1)
-    targets_MxBxE = targets_pad_BxT.reshape(B, M, E).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_terms(hidden_BxExD, targets_BxE):
-        logits_BxExV = jnp.einsum("bed,dv->bev", hidden_BxExD, w_DxV.astype(hidden_BxExD.dtype))
-        return token_cross_entropy(logits_BxExV, targets_BxE)
-
-    def body(carry, xs):
-        return carry, chunk_terms(*xs)
-
-    _, (xent_MxBxE, logz_MxBxE) = jax.lax.scan(body, None, (hidden_MxBxExD, targets_MxBxE))
-    xent_BxT = xent_MxBxE.swapaxes(0, 1).reshape(B, M * E)[:, :T]
-    logz_BxT = logz_MxBxE.swapaxes(0, 1).reshape(B, M * E)[:, :T]
-    return loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
-
-
-def chunked_loss_fn(
-    hidden_BxTxD,
-    w_DxV,
-    targets_BxT,
-    config: GoldfishConfig,
-    *,
-    weights_BxT=None,
-    positions_BxT=None,
-    context_BxC=None,
-    z_loss: float = 0.0,
-    rng=None,
-    table=None,
-    chunk_size: int = 128,
-):
-    """``loss_fn(hidden_BxTxD @ w_DxV, ...)`` without ever holding the B x T x V logits.
-
-    Same value and gradients as ``loss_fn`` to float tolerance; memory per chunk, not per
-    sequence (see ``chunked_goldfish_sums``).
-    """
-    sums = chunked_goldfish_sums(
-        hidden_BxTxD, w_DxV, targets_BxT, config, weights_BxT=weights_BxT, positions_BxT=positions_BxT,
-        context_BxC=context_BxC, rng=rng, table=table, chunk_size=chunk_size,
-    )
-    return sums.loss(z_loss), sums.summary()
+        return getattr(loss, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+import gf_jax
 from gf_jax import GoldfishConfig, chunked_loss_fn, goldfish_mask, loss_fn, summarize
 from gf_jax import goldfish
 
@@ -499,10 +500,229 @@ def test_bad_calls_are_rejected():
     targets = _random_ids((2, 8), 10)
     with pytest.raises(ValueError, match="needs rng"):
         goldfish_mask(targets, GoldfishConfig(strategy="random"))
-    with pytest.raises(ValueError, match="positions shape"):
+    with pytest.raises(ValueError, match="positions_BxT shape"):
         goldfish_mask(targets, GoldfishConfig(), positions_BxT=np.zeros((2, 7), np.int32))
     with pytest.raises(ValueError, match="integer token ids"):
         goldfish_mask(targets.astype(np.float32), GoldfishConfig())
     with pytest.raises(ValueError, match="1,000,003|1000003"):
         goldfish_mask(targets, GoldfishConfig(strategy="hash-table"), table=np.zeros(10, np.float32))
     assert GoldfishConfig(never_drop_ids=[3, 1, 3]).never_drop_ids == (1, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Drop-in use in other codebases (issue 16): padding, weights, shapes, positions, reductions,
+# jit arguments, pmap, label smoothing.
+
+
+def _xent_numpy(logits, targets):
+    logits = np.asarray(logits, np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return logz - np.take_along_axis(logits, np.maximum(targets, 0)[..., None], -1)[..., 0]
+
+
+def test_pad_id_marks_padding_targets_invalid():
+    rng = np.random.default_rng(20)
+    logits = rng.normal(size=(3, 40, 30)).astype(np.float32)
+    targets = _random_ids((3, 40), 30, seed=20)
+    targets[0, 30:] = 0
+    cfg = GoldfishConfig(k=4, h=3)
+    loss, aux = loss_fn(logits, targets, cfg, pad_id=0)
+    valid = targets != 0
+    kept = valid & ~np.asarray(goldfish_mask(targets, cfg))
+    assert int(aux["n_valid"]) == valid.sum() and int(aux["n_kept"]) == kept.sum()
+    assert np.isclose(loss, _xent_numpy(logits, targets)[kept].mean(), rtol=1e-6)
+    same, _ = loss_fn(logits, targets, cfg, weights_BxT=valid.astype(np.float32))
+    assert float(same) == float(loss)
+
+
+def test_weights_are_a_mask_not_multipliers():
+    # Documented decision: weight > 0 marks a valid target; its value does not scale the loss, and
+    # the counts count targets.
+    rng = np.random.default_rng(21)
+    logits = rng.normal(size=(2, 32, 20)).astype(np.float32)
+    targets = _random_ids((2, 32), 20, seed=21)
+    weights = np.where(rng.random((2, 32)) < 0.5, 1.0, 3.0).astype(np.float32)
+    weights[1, 25:] = 0
+    cfg = GoldfishConfig(k=4, h=2)
+    loss3, aux3 = loss_fn(logits, targets, cfg, weights_BxT=weights)
+    loss1, aux1 = loss_fn(logits, targets, cfg, weights_BxT=(weights > 0).astype(np.float32))
+    assert float(loss3) == float(loss1)
+    assert int(aux3["n_valid"]) == 2 * 32 - 7
+    assert int(aux3["n_kept"]) + int(aux3["n_dropped"]) == int(aux3["n_valid"])
+    assert all(int(aux3[k]) == int(aux1[k]) for k in ("n_kept", "n_dropped", "n_valid"))
+
+
+def test_shape_mistakes_name_the_argument():
+    logits = np.zeros((2, 8, 10), np.float32)
+    tokens = _random_ids((2, 9), 10)
+    cfg = GoldfishConfig()
+    with pytest.raises(ValueError, match=r"targets_BxT shape \(2, 9\).*one column too many"):
+        loss_fn(logits, tokens, cfg)  # unshifted: T + 1 columns
+    targets = tokens[:, 1:]
+    with pytest.raises(ValueError, match=r"weights_BxT shape \(2, 8, 1\).*trailing axis"):
+        loss_fn(logits, targets, cfg, weights_BxT=np.ones((2, 8, 1), np.float32))
+    with pytest.raises(ValueError, match=r"positions_BxT shape \(8,\)"):
+        loss_fn(logits, targets, cfg, positions_BxT=np.arange(8, dtype=np.int32))
+    with pytest.raises(ValueError, match="positions_BxT must be integer positions"):
+        loss_fn(logits, targets, cfg, positions_BxT=np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"w_DxV shape \(10, 4\)"):
+        chunked_loss_fn(np.zeros((2, 8, 4), np.float32), np.zeros((10, 4), np.float32), targets, cfg)
+    with pytest.raises(ValueError, match="reduction must be one of mean, none"):
+        loss_fn(logits, targets, cfg, reduction="sum")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        loss_fn(logits, targets, cfg, label_smoothing=1.0)
+
+
+def _positions_numpy(starts, row_starts_document):
+    """Plain loop: 0 at a start, +1 after; before a row's first start, CONTINUED + column."""
+    out = np.zeros(starts.shape, np.int64)
+    for b in range(starts.shape[0]):
+        p = None
+        for t in range(starts.shape[1]):
+            if starts[b, t] or (t == 0 and row_starts_document):
+                p = 0
+            elif p is not None:
+                p += 1
+            out[b, t] = goldfish.CONTINUED + t if p is None else p
+    return out
+
+
+def test_positions_from_segment_ids_and_bos_match_a_plain_loop():
+    rng = np.random.default_rng(22)
+    segments = np.cumsum(rng.random((4, 50)) < 0.1, axis=1).astype(np.int32)
+    segments[0, 40:] = 0  # padding: its own segment
+    changes = np.concatenate([np.zeros((4, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    for row_starts_document in (True, False):
+        got = np.asarray(gf_jax.positions_from_segment_ids(segments, row_starts_document=row_starts_document))
+        assert np.array_equal(got, _positions_numpy(changes, row_starts_document))
+    inputs = _random_ids((4, 50), 20, seed=22)
+    inputs[1, 0] = 1
+    for row_starts_document in (True, False):
+        got = np.asarray(jax.jit(lambda x, r=row_starts_document: gf_jax.positions_from_bos(x, 1, row_starts_document=r))(inputs))
+        assert np.array_equal(got, _positions_numpy(inputs == 1, row_starts_document))
+    # lm1b-style packed row: [BOS a b c BOS d e] -> positions 0 1 2 3 0 1 2.
+    assert np.asarray(gf_jax.positions_from_bos(np.array([[1, 5, 6, 7, 1, 8, 9]]), 1)).tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+
+
+def test_rows_cut_from_a_token_stream_never_supervise_what_the_full_documents_drop():
+    # nanodo-style: documents joined with BOS into one stream and cut into rows that start
+    # mid-document. positions_from_bos marks the leading run as continued: its first h targets
+    # are dropped; everything else gets exactly the full-stream mask.
+    rng = np.random.default_rng(23)
+    docs = [np.concatenate([[1], rng.integers(2, 500, size=n)]) for n in rng.integers(5, 120, size=40)]
+    stream = np.concatenate(docs).astype(np.int32)
+    cfg = GoldfishConfig(k=3, h=6)
+    inputs, targets = stream[None, :-1], stream[None, 1:]
+    full = np.asarray(goldfish_mask(targets, cfg, positions_BxT=gf_jax.positions_from_bos(inputs, 1)))[0]
+    T = 64
+    n_rows = inputs.shape[1] // T
+    row_inputs = inputs[0, : n_rows * T].reshape(n_rows, T)
+    row_targets = targets[0, : n_rows * T].reshape(n_rows, T)
+    positions = gf_jax.positions_from_bos(row_inputs, 1)
+    drop = np.asarray(goldfish_mask(row_targets, cfg, positions_BxT=positions))
+    ref = full[: n_rows * T].reshape(n_rows, T)
+    assert not np.any(~drop & ref)  # kept set ⊆ full kept set
+    leading = np.asarray(positions) >= goldfish.CONTINUED
+    settled = ~(leading & (np.arange(T) < cfg.h))
+    assert np.array_equal(drop[settled], ref[settled])
+    assert drop[~settled].all() and (~settled).sum() >= cfg.h
+
+
+def test_reduction_none_gives_per_token_losses_and_masks():
+    rng = np.random.default_rng(24)
+    logits = rng.normal(size=(3, 30, 25)).astype(np.float32)
+    targets = _random_ids((3, 30), 25, seed=24)
+    targets[2, 20:] = 0
+    cfg = GoldfishConfig(k=3, h=2)
+    loss_BxT, aux = loss_fn(logits, targets, cfg, pad_id=0, reduction="none")
+    drop = np.asarray(goldfish_mask(targets, cfg))
+    kept = (targets != 0) & ~drop
+    assert np.array_equal(np.asarray(aux["kept_BxT"]), kept)
+    assert np.array_equal(np.asarray(aux["dropped_BxT"]), (targets != 0) & drop)
+    np.testing.assert_allclose(loss_BxT, np.where(kept, _xent_numpy(logits, targets), 0.0), rtol=1e-5, atol=1e-6)
+    mean, _ = loss_fn(logits, targets, cfg, pad_id=0)
+    assert np.isclose(np.asarray(loss_BxT).sum() / kept.sum(), mean, rtol=1e-6)
+    per_example = np.asarray(loss_BxT).sum(-1) / np.maximum(1, kept.sum(-1))
+    np.testing.assert_allclose(per_example, [_xent_numpy(logits, targets)[b][kept[b]].mean() for b in range(3)], rtol=1e-5)
+    # The chunked loss gives the same per-token losses.
+    h = rng.normal(size=(3, 30, 8)).astype(np.float32)
+    w = rng.normal(size=(8, 25)).astype(np.float32)
+    chunked_BxT, _ = chunked_loss_fn(h, w, targets, cfg, pad_id=0, reduction="none", chunk_size=7)
+    plain_BxT, _ = loss_fn(np.einsum("btd,dv->btv", h, w), targets, cfg, pad_id=0, reduction="none")
+    np.testing.assert_allclose(chunked_BxT, plain_BxT, rtol=1e-5, atol=1e-6)
+
+
+def test_config_passes_through_jit_and_nnx_jit_as_a_static_argument():
+    from flax import nnx
+
+    cfg = GoldfishConfig(k=3, h=2, never_drop_ids=(5,))
+    assert jax.tree.leaves(cfg) == [] and hash(cfg) == hash(GoldfishConfig(k=3, h=2, never_drop_ids=[5]))
+    rng = np.random.default_rng(25)
+    logits = rng.normal(size=(2, 16, 10)).astype(np.float32)
+    targets = _random_ids((2, 16), 10, seed=25)
+    eager, _ = loss_fn(logits, targets, cfg)
+
+    def step(logits, targets, cfg):
+        return loss_fn(logits, targets, cfg)[0]
+
+    assert np.isclose(jax.jit(step)(logits, targets, cfg), eager, rtol=1e-6)
+    assert np.isclose(nnx.jit(step)(logits, targets, cfg), eager, rtol=1e-6)
+    none = GoldfishConfig(strategy="none")  # another config: retraced, not a stale cache entry
+    assert np.isclose(jax.jit(step)(logits, targets, none), loss_fn(logits, targets, none)[0], rtol=1e-6)
+    assert not np.isclose(eager, loss_fn(logits, targets, none)[0])
+
+
+def test_pmap_with_axis_name_equals_the_single_device_global_mean():
+    # Devices keep different numbers of targets; the per-device mean would weight them equally.
+    n = jax.device_count()
+    rng = np.random.default_rng(26)
+    x = rng.normal(size=(n * 2, 16, 6)).astype(np.float32)
+    w = rng.normal(size=(6, 12)).astype(np.float32)
+    targets = _random_ids((n * 2, 16), 12, seed=26)
+    targets[: n, 4:] = 0  # half the devices are mostly padding
+    cfg = GoldfishConfig(k=3, h=2)
+    kw = dict(pad_id=0, z_loss=1e-2, label_smoothing=0.1)
+
+    def single(w):
+        return loss_fn(jnp.einsum("btd,dv->btv", x, w), targets, cfg, **kw)
+
+    (ref, ref_aux), ref_grad = jax.value_and_grad(single, has_aux=True)(w)
+
+    def device_step(w, x, t):
+        def loss(w):
+            return loss_fn(jnp.einsum("btd,dv->btv", x, w), t, cfg, axis_name="batch", **kw)
+
+        (value, aux), grad = jax.value_and_grad(loss, has_aux=True)(w)
+        return value, aux, jax.lax.pmean(grad, "batch")  # what pmap steps (lm1b) already do
+
+    split = lambda a: a.reshape(n, -1, *a.shape[1:])  # noqa: E731
+    value, aux, grad = jax.pmap(device_step, axis_name="batch", in_axes=(None, 0, 0))(w, split(x), split(targets))
+    np.testing.assert_allclose(value, np.full(n, ref), rtol=1e-6)
+    assert all(int(v) == int(ref_aux["n_kept"]) for v in aux["n_kept"])
+    np.testing.assert_allclose(grad, np.broadcast_to(ref_grad, grad.shape), rtol=1e-5, atol=1e-7)
+    # goldfish_sums takes axis_name too: global sums on every device.
+    sums = jax.pmap(lambda x, t: gf_jax.goldfish_sums(jnp.einsum("btd,dv->btv", x, w), t, cfg, axis_name="b", **{k: kw[k] for k in ("pad_id", "label_smoothing")}), axis_name="b")(split(x), split(targets))
+    np.testing.assert_allclose(sums.loss(), np.full(n, float(ref_aux["loss_kept"])), rtol=1e-6)
+
+
+def test_label_smoothing_matches_the_lm1b_formula():
+    # flax examples/lm1b compute_weighted_cross_entropy, restated in numpy.
+    rng = np.random.default_rng(27)
+    V, s = 17, 0.1
+    logits = rng.normal(size=(2, 20, V)).astype(np.float32) * 2
+    targets = _random_ids((2, 20), V, seed=27)
+    confidence, low = 1 - s, s / (V - 1)
+    normalizing = -(confidence * np.log(confidence) + (V - 1) * low * np.log(low + 1e-20))
+    soft = np.where(np.eye(V, dtype=bool)[targets], confidence, low)
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64)))
+    expected = -(soft * logp).sum(-1) - normalizing
+    loss_BxT, _ = loss_fn(logits, targets, GoldfishConfig(strategy="none"), label_smoothing=s, reduction="none")
+    np.testing.assert_allclose(loss_BxT, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_first_target_of_every_document_depends_on_the_seed_alone():
+    # Documented: the empty window makes a document's first target all-or-nothing per (seed, k).
+    targets = _random_ids((64, 8), 1000, seed=28)
+    positions = np.zeros((64, 8), np.int32)  # every target a document's first
+    assert not np.asarray(goldfish_mask(targets, GoldfishConfig(k=2, seed=0), positions_BxT=positions)).any()
+    assert np.asarray(goldfish_mask(targets, GoldfishConfig(k=2, seed=3), positions_BxT=positions)).all()
