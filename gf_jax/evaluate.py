@@ -30,17 +30,18 @@ import functools
 import math
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gf_jax import metrics
 from gf_jax.batch import Batch
 from gf_jax.generate import data_parallel_size, generate, place_on_mesh, replicate_outputs
-from gf_jax.goldfish import GoldfishConfig, chunked_loss_fn
+from gf_jax.goldfish import GoldfishConfig
+from gf_jax.loss import chunked_loss_fn
 from gf_jax.report import markdown_table, write_report
 
 __all__ = [

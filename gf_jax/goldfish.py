@@ -385,21 +385,3 @@ def positions_from_bos(inputs_BxT, bos_id: int, *, row_starts_document: bool = F
     """
     inputs_BxT = jnp.asarray(inputs_BxT)
     return _positions_from_starts(inputs_BxT == bos_id, row_starts_document)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss lives in gf_jax.loss; these names stay importable from here for older code.
-
-_LOSS_NAMES = (
-    "LossSums", "TokenTerms", "chunked_goldfish_sums", "chunked_goldfish_terms", "chunked_loss_fn",
-    "goldfish_sums", "goldfish_terms", "loss_fn",
-    "loss_sums", "reduce_loss", "summarize", "token_cross_entropy",
-)
-
-
-def __getattr__(name):
-    if name in _LOSS_NAMES:
-        from gf_jax import loss
-
-        return getattr(loss, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

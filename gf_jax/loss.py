@@ -27,7 +27,7 @@ its log-softmax in bfloat16 matches ``strategy="none"`` only to bf16 rounding; i
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,14 +93,14 @@ class LossSums(NamedTuple):
     n_valid: Any            # int32: valid targets (kept + dropped)
 
     @classmethod
-    def zeros(cls) -> "LossSums":
+    def zeros(cls) -> LossSums:
         f32, i32 = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
         return cls(f32, f32, f32, f32, i32, i32, i32)
 
-    def add(self, other: "LossSums") -> "LossSums":
+    def add(self, other: LossSums) -> LossSums:
         return jax.tree.map(lambda a, b: a + b, self, other)
 
-    def psum(self, axis_name) -> "LossSums":
+    def psum(self, axis_name) -> LossSums:
         """The sums over every device of a named axis (``pmap`` / ``shard_map``)."""
         return jax.tree.map(lambda x: jax.lax.psum(x, axis_name), self)
 

@@ -25,9 +25,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gf_jax import goldfish
+from gf_jax import loss as loss_lib
 from gf_jax.batch import Batch
-from gf_jax.goldfish import GoldfishConfig, LossSums
+from gf_jax.goldfish import GoldfishConfig
+from gf_jax.loss import LossSums
 from gf_jax.model import ModelConfig, Transformer
 from gf_jax.optim import OptimizerConfig, learning_rate, make_optimizer
 
@@ -39,7 +40,7 @@ class LossConfig:
     Attributes:
       z_loss: coefficient of the log-partition penalty over kept targets.
       chunk_size: > 0 computes the loss in chunks of this many targets without holding the
-        B x T x V logits (gf_jax.goldfish.chunked_loss_fn); 0 = plain loss.
+        B x T x V logits (gf_jax.loss.chunked_loss_fn); 0 = plain loss.
     """
 
     z_loss: float = 0.0
@@ -87,12 +88,12 @@ def batch_loss_sums(model, batch: Batch, sc: StepConfig, rng) -> LossSums:
     model_kwargs = dict(positions_BxT=batch.positions_BxT, segment_ids_BxT=batch.segment_ids_BxT)
     if sc.loss.chunk_size > 0:
         hidden_BxTxD = model.hidden(batch.inputs_BxT, **model_kwargs)
-        return goldfish.chunked_goldfish_sums(
+        return loss_lib.chunked_goldfish_sums(
             hidden_BxTxD, model.output_weights(), batch.targets_BxT, sc.goldfish,
             chunk_size=sc.loss.chunk_size, **mask_kwargs,
         )
     logits_BxTxV = model(batch.inputs_BxT, **model_kwargs)
-    return goldfish.goldfish_sums(logits_BxTxV, batch.targets_BxT, sc.goldfish, **mask_kwargs)
+    return loss_lib.goldfish_sums(logits_BxTxV, batch.targets_BxT, sc.goldfish, **mask_kwargs)
 
 
 def split_micro_batches(batch: Batch, n: int) -> Batch:

@@ -20,7 +20,7 @@ import numpy as np
 
 from gf_jax import rundir
 from gf_jax.distributed import is_main_process
-from gf_jax.goldfish import LossSums
+from gf_jax.loss import LossSums
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -33,8 +33,8 @@ from gf_jax.checkpoint import (
 )
 from gf_jax.config import RunConfig, save_config, to_dict
 from gf_jax.distributed import is_main_process
-from gf_jax.goldfish import LossSums
 from gf_jax.hooks import Hook, StopSignal
+from gf_jax.loss import LossSums
 from gf_jax.model import flops_per_token
 from gf_jax.step import make_step_functions
 from gf_jax.tracker import NonFiniteLossError, Tracker, format_record, make_writers, peak_tflops

@@ -42,7 +42,7 @@ def main():
 
     from gf_jax import data
     from gf_jax.config import load_config
-    from gf_jax.goldfish import loss_fn
+    from gf_jax.loss import loss_fn
     from gf_jax.model import Transformer
     from gf_jax.tokenizer import corpus_tokenizer
 

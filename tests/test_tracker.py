@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from gf_jax.goldfish import LossSums
+from gf_jax.loss import LossSums
 from gf_jax.tracker import JsonlWriter, NonFiniteLossError, TensorBoardWriter, Tracker, format_record, read_metrics
 
 
