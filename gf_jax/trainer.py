@@ -7,9 +7,11 @@
 The numeric work is in ``gf_jax.step`` (pure, jitted); what is reported in ``gf_jax.tracker``;
 periodic work (log, checkpoint, evaluation, user hooks) runs as ``gf_jax.hooks.Hook``\\ s. The run
 directory (``train.run_dir``) receives ``config.yaml``, ``tokenizer.model``, ``metrics.jsonl`` and
-``checkpoints/<step>/``; one that holds checkpoints is resumed from the latest. SIGTERM saves a
+``checkpoints/<step>/``; one that holds checkpoints is resumed from the newest that restores (one
+that does not is moved to ``corrupt_checkpoints/``). ``run.lock`` keeps a second trainer out
+(``gf_jax.runlock``); nothing else is written before every check has passed. SIGTERM saves a
 checkpoint and returns status "preempted"; a non-finite loss raises ``NonFiniteLossError``
-without writing a checkpoint.
+without writing a checkpoint. Guarantees: docs/failures.md.
 """
 
 from __future__ import annotations

@@ -373,3 +373,12 @@ def test_tokenizer_cli_misuse_is_one_sentence(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err, err
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_block_the_resume(tmp_path):
+    from gf_jax.tracker import JsonlWriter, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n{"step": 3, "lo')
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.9}]
+    JsonlWriter(str(tmp_path), resume_step=2).write({"step": 3, "loss": 2.8})
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
