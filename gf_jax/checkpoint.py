@@ -63,13 +63,17 @@ class Checkpointer:
     process's shards); only the main process writes the JSON items.
     """
 
-    def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True, clean_up: bool = False):
+        """``clean_up``: remove half-written checkpoints (``<step>.orbax-checkpoint-tmp``) a crash left;
+        only for the one writer of the run (the trainer, holding the run's lock), never for a
+        reader, which could remove a save in flight."""
         self.run_dir = run_dir
         self.directory = checkpoint_dir(run_dir)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=clean_up,
         )
         self._manager_or_none = None
 

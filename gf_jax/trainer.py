@@ -144,7 +144,8 @@ class Trainer:
         """The step to resume from (None: a new run); a different model fails before anything compiles.
         A checkpoint whose config does not read is skipped (see ``_setup_state``)."""
         t = config.train
-        self.checkpointer = Checkpointer(self.run_dir, keep=t.keep_ckpts, async_save=t.async_checkpoint)
+        self.checkpointer = Checkpointer(self.run_dir, keep=t.keep_ckpts, async_save=t.async_checkpoint,
+                                         clean_up=True)  # this process holds the run's lock
         self._all_steps = self.checkpointer.all_steps()
         if not self._all_steps:
             return None

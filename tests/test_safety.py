@@ -382,3 +382,13 @@ def test_a_metrics_line_cut_short_by_a_crash_does_not_block_the_resume(tmp_path)
     assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.9}]
     JsonlWriter(str(tmp_path), resume_step=2).write({"step": 3, "loss": 2.8})
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+def test_a_resume_removes_half_written_checkpoints_but_evaluation_does_not(four_steps, tokenizer_path, tmp_path):
+    run_dir = copy_run(four_steps, tmp_path)
+    half = os.path.join(run_dir, "checkpoints", "5.orbax-checkpoint-tmp")
+    shutil.copytree(os.path.join(run_dir, "checkpoints", "4"), half)  # what kill -9 during a save leaves
+    load_model(run_dir)
+    assert os.path.isdir(half)  # a reader never removes it: it may be a save in flight
+    Trainer(config_for(tokenizer_path, run_dir, "train.steps=5")).run()
+    assert not os.path.exists(half) and steps_in(run_dir) == [1, 2, 3, 4, 5]
