@@ -74,6 +74,7 @@ def test_trainer_files_and_tokenizer_live_in_a_bucket(bucket, tmp_path):
     tokenizer, recorded = trainer.resolve_tokenizer(config, run)
     assert recorded == f"{run}/tokenizer.model"
     assert not rundir.exists(recorded)  # the trainer copies it once every check has passed
+    rundir.makedirs(run)
     rundir.copy_file(tokenizer.path, recorded)
     assert (bucket / "bkt/runs/b/tokenizer.model").read_bytes() == open(tok_path, "rb").read()
     # Evaluation finds and loads the tokenizer from the bucket.
