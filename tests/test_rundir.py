@@ -63,9 +63,9 @@ def test_rundir_ops_on_a_bucket(bucket, tmp_path):
 
 def test_trainer_files_and_tokenizer_live_in_a_bucket(bucket, tmp_path):
     from gf_jax import checkpoint, trainer
-    from gf_jax.tracker import JsonlWriter
     from gf_jax.config import load_config
     from gf_jax.tokenizer import Tokenizer, train_from_texts
+    from gf_jax.tracker import JsonlWriter
 
     texts = [f"speech number {i}: to be or not to be, that is the question {i % 7}" for i in range(200)]
     tok_path = train_from_texts(texts, 290, str(tmp_path / "tok"))
