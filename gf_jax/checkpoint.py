@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import sys
+import time
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,7 +46,10 @@ ARCHITECTURE_FIELDS = (
 )
 
 CHECKPOINT_SUBDIR = "checkpoints"
+CORRUPT_SUBDIR = "corrupt_checkpoints"  # checkpoints that did not restore, moved aside by a resume
 TOKENIZER_FILE = "tokenizer.model"
+
+T = TypeVar("T")
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -65,22 +70,45 @@ class Checkpointer:
     process's shards); only the main process writes the JSON items.
     """
 
-    def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True, clean_up: bool = False):
+        """``clean_up``: remove half-written checkpoints (``<step>.orbax-checkpoint-tmp``) a crash left;
+        only for the one writer of the run (the trainer, holding the run's lock), never for a
+        reader, which could remove a save in flight."""
+        self.run_dir = run_dir
         self.directory = checkpoint_dir(run_dir)
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=clean_up,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("model", "optimizer", "loop", "config")
-        )
+        self._manager_or_none = None
+
+    def _manager_if_any(self):
+        """The CheckpointManager, opened only once ``checkpoints/`` exists or a save needs it: Orbax
+        creates the directory when it opens, and a run that fails its checks must leave nothing."""
+        if self._manager_or_none is None and rundir.exists(self.directory):
+            self._open()
+        return self._manager_or_none
+
+    def _open(self):
+        if self._manager_or_none is None:
+            self._manager_or_none = ocp.CheckpointManager(
+                self.directory, options=self._options, item_names=("model", "optimizer", "loop", "config")
+            )
+        return self._manager_or_none
+
+    @property
+    def _manager(self):
+        return self._open()
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        manager = self._manager_if_any()
+        return None if manager is None else manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        manager = self._manager_if_any()
+        return [] if manager is None else sorted(manager.all_steps())
 
     def save(self, step: int, *, model_state, opt_state, loop_state: dict, config_dict: dict) -> None:
         """Saves (asynchronously unless disabled) and returns once the arrays are off the devices.
@@ -114,13 +142,86 @@ class Checkpointer:
         """The run config (a plain dict) saved with ``step``."""
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def restore_newest_good(self, restore_fn: Callable[[int], T], steps: list[int] | None = None, *,
+                            log: Callable[[str], None] | None = None) -> tuple[int, T]:
+        """``(step, restore_fn(step))`` for the newest of ``steps`` (default: all) that restores.
+
+        ``restore_fn(step)`` reads one checkpoint (e.g. ``lambda s: ckpt.restore(s, ...)``). One that
+        fails (a truncated array file, a missing item, bad JSON) is skipped with a line naming the
+        step and why; it is never deleted. Raises CorruptCheckpointError (one sentence) when none
+        restores.
+        """
+        steps = sorted(self.all_steps() if steps is None else steps)
+        failures = []
+        for step in reversed(steps):
+            try:
+                return step, restore_fn(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint makes it unusable
+                failures.append(f"step {step} ({_why(e)})")
+                (log or _warn)(f"[gf_jax.checkpoint] skipping checkpoint step {step} of {self.run_dir}: it does "
+                               f"not restore ({_why(e)}); it is left on disk for inspection.")
+        raise CorruptCheckpointError(
+            f"no checkpoint of {self.run_dir} restores: {'; '.join(failures)}; restore a copy of the "
+            "checkpoints directory, or move it away to start the run afresh."
+        )
+
+    def restore_step(self, step: int, restore_fn: Callable[[int], T]) -> T:
+        """``restore_fn(step)``; a checkpoint that does not restore is one sentence (CorruptCheckpointError)."""
+        try:
+            return restore_fn(step)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} of {self.run_dir} does not restore ({_why(e)}); choose another of the "
+                f"steps {self.all_steps()}, or omit the step to use the newest one that restores."
+            ) from None
+
+    def set_aside(self, steps: list[int]) -> list[str]:
+        """Moves the checkpoints of ``steps`` (ones that did not restore) to ``RUN/corrupt_checkpoints/``,
+        out of the way of the saves that reach those steps again; returns where they went. Call
+        on the main process only, before any save."""
+        moved = []
+        for step in steps:
+            src = rundir.join(self.directory, str(step))
+            dst = rundir.join(rundir.absolute(self.run_dir), CORRUPT_SUBDIR, str(step))
+            if rundir.exists(dst):
+                dst = f"{dst}-{int(time.time())}"
+            rundir.makedirs(rundir.join(rundir.absolute(self.run_dir), CORRUPT_SUBDIR))
+            rundir.move(src, dst)
+            moved.append(dst)
+        self.reload()
+        return moved
+
+    def reload(self) -> None:
+        """Re-reads the list of steps (after another process changed the directory)."""
+        if self._manager_or_none is not None:
+            self._manager_or_none.reload()
+
     def wait(self) -> None:
         """Blocks until every pending background save is on disk."""
-        self._manager.wait_until_finished()
+        if self._manager_or_none is not None:
+            self._manager_or_none.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        if self._manager_or_none is not None:
+            self._manager_or_none.wait_until_finished()
+            self._manager_or_none.close()
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint exists but cannot be read back (truncated file, missing item, bad JSON)."""
+
+
+def _why(e: BaseException) -> str:
+    """An exception in a few words (Orbax and TensorStore messages run to many lines)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0]
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def check_compatible(saved_model: dict, model_config, run_dir: str) -> None:
@@ -202,22 +303,28 @@ def _load_run_model(run_dir: str, step: int | None, *, mesh=None):
                 f"{run_dir} has no checkpoints (looked in {ckpt.directory}); train first with "
                 f"python -m gf_jax.train --config configs/tiny.yaml train.run_dir={run_dir}."
             )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step}; it has steps {steps}.")
-        config = config_from_dict(ckpt.saved_config(step))
-        abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
-        graphdef, abstract_state = nnx.split(abstract)
-        if mesh is None:
-            shardings = jax.tree.map(
-                lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract_state
-            )
-        else:
-            from gf_jax.sharding import model_shardings
 
-            shardings = model_shardings(abstract_state, mesh)
-        restored = ckpt.restore(step, abstract_model=abstract_with_shardings(abstract_state, shardings))
+        def restore(step):
+            config = config_from_dict(ckpt.saved_config(step))
+            abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+            graphdef, abstract_state = nnx.split(abstract)
+            if mesh is None:
+                shardings = jax.tree.map(
+                    lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract_state
+                )
+            else:
+                from gf_jax.sharding import model_shardings
+
+                shardings = model_shardings(abstract_state, mesh)
+            abstract_model = abstract_with_shardings(abstract_state, shardings)
+            return config, graphdef, ckpt.restore(step, abstract_model=abstract_model)
+
+        if step is None:  # the newest checkpoint that restores; a corrupt one is skipped with a line why
+            step, (config, graphdef, restored) = ckpt.restore_newest_good(restore, steps)
+        else:
+            config, graphdef, restored = ckpt.restore_step(step, restore)
     finally:
         ckpt.close()
     model = nnx.merge(graphdef, restored["model"])

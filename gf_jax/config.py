@@ -384,7 +384,13 @@ def read_yaml_mapping(path: str, what: str, hint: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist; {hint}.")
     with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ValueError(f"{what} {path} is not valid YAML{where} ({problem}); fix the file there.") from None
     if not isinstance(values, dict):
         raise ValueError(f"{what} {path} must hold a mapping of sections (model, data, train, ...).")
     return values

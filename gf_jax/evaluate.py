@@ -487,8 +487,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_writable_dir(path: str) -> None:
+    """Fails now, not after the evaluation, when the report cannot be written to ``path`` (a test
+    file is created in it, or in its nearest existing parent when it does not exist yet)."""
+    import tempfile
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out {path} cannot be a report directory: {probe} is a file; pass a directory.")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ValueError(
+            f"--out {path} cannot be written ({probe}: {e.strerror or e}); pass a writable directory."
+        ) from None
+
+
+def check_args(args) -> None:
+    """Argument checks that argparse cannot make, before any model is loaded."""
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ValueError(f"--max-docs must be >= 1 (omit it to use every document), got {args.max_docs}.")
+    _check_writable_dir(_out_dir(args))
+
+
+def _out_dir(args) -> str:
+    return args.out or (os.path.join(args.run[0], "eval") if len(args.run) == 1 else "eval_report")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_args(args)
     from gf_jax.hf import is_hf_dir
 
     names = _model_names(args.run, args.name)
@@ -505,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           None, args.max_docs)
     mesh = _parse_mesh(args.mesh)
     results = {name: evaluate_run(run, docs, heldout, args, mesh) for name, run in zip(names, args.run)}
-    out_dir = args.out or (os.path.join(args.run[0], "eval") if len(args.run) == 1 else "eval_report")
+    out_dir = _out_dir(args)
     paths = write_report(results, out_dir, title=f"Evaluation on {args.docs}"
                          + (f" (held out: {args.heldout})" if args.heldout else ""))
     print(markdown_table(results))

@@ -98,6 +98,14 @@ def copy_file(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+def move(src: str, dst: str) -> None:
+    """Moves a file or directory (local: one rename; object stores: copy, then delete)."""
+    if is_url(src) or is_url(dst):
+        _epath(src).rename(_epath(dst))
+        return
+    os.replace(src, dst)
+
+
 def same_content(a: str, b: str) -> bool:
     return read_bytes(a) == read_bytes(b)
 

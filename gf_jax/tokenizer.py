@@ -232,7 +232,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="output folder (tokenizer.model is written there)")
     args = parser.parse_args(argv)
-    path = train_tokenizer(args.input, args.vocab_size, args.out)
+    try:
+        missing = [p for p in args.input if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"--input {missing[0]} does not exist; pass text files or folders of .txt files.")
+        if args.vocab_size < 1:
+            raise ValueError(f"--vocab-size must be a positive number of pieces (e.g. 4096), got {args.vocab_size}.")
+        path = train_tokenizer(args.input, args.vocab_size, args.out)
+    except (ValueError, OSError) as e:  # user errors: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"{path}: {Tokenizer.load(path)}")
 
 

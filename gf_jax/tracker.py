@@ -55,11 +55,18 @@ def peak_tflops(device) -> float | None:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """Every record of a run's ``metrics.jsonl``, in order ([] when there is none)."""
+    """Every record of a run's ``metrics.jsonl``, in order ([] when there is none). A last line
+    cut short (a crash or a full disk in the middle of an append) is left out."""
     path = rundir.join(run_dir, METRICS_FILE)
     if not rundir.exists(path):
         return []
-    return [json.loads(line) for line in rundir.read_text(path).splitlines() if line.strip()]
+    lines = [line for line in rundir.read_text(path).splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records.extend(json.loads(line) for line in lines[-1:])
+    except ValueError:
+        pass
+    return records
 
 
 # ---------------------------------------------------------------------------------------------

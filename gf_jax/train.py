@@ -3,8 +3,9 @@
     python -m gf_jax.train --config configs/tiny.yaml [section.key=value ...]
 
 Exit status: 0 when done or preempted (SIGTERM saves a checkpoint; run the same command to
-resume), 1 when the loss became non-finite, 2 for a config or set-up error (one sentence on
-stderr, before anything is written). The trainer itself is ``gf_jax.trainer.Trainer``.
+resume), 1 when the loss became non-finite (or a bucket lock was taken over), 2 for a config or
+set-up error, including a run directory in use by another run (one sentence on stderr, before
+anything is written). See docs/failures.md for what survives a crash. The trainer itself is ``gf_jax.trainer.Trainer``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 from gf_jax import distributed
 from gf_jax.config import RunConfig, load_config
+from gf_jax.runlock import RunLockLost
 from gf_jax.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["Trainer", "NonFiniteLossError", "train", "main"]
@@ -52,7 +54,7 @@ def _train_main(config: RunConfig) -> None:
         sys.exit(2)
     try:
         trainer.run()
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, RunLockLost) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -7,9 +7,11 @@
 The numeric work is in ``gf_jax.step`` (pure, jitted); what is reported in ``gf_jax.tracker``;
 periodic work (log, checkpoint, evaluation, user hooks) runs as ``gf_jax.hooks.Hook``\\ s. The run
 directory (``train.run_dir``) receives ``config.yaml``, ``tokenizer.model``, ``metrics.jsonl`` and
-``checkpoints/<step>/``; one that holds checkpoints is resumed from the latest. SIGTERM saves a
+``checkpoints/<step>/``; one that holds checkpoints is resumed from the newest that restores (one
+that does not is moved to ``corrupt_checkpoints/``). ``run.lock`` keeps a second trainer out
+(``gf_jax.runlock``); nothing else is written before every check has passed. SIGTERM saves a
 checkpoint and returns status "preempted"; a non-finite loss raises ``NonFiniteLossError``
-without writing a checkpoint.
+without writing a checkpoint. Guarantees: docs/failures.md.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gf_jax.distributed import is_main_process
 from gf_jax.hooks import Hook, StopSignal
 from gf_jax.loss import LossSums
 from gf_jax.model import flops_per_token
+from gf_jax.runlock import RunDirInUse, RunLock
 from gf_jax.step import make_step_functions
 from gf_jax.tracker import NonFiniteLossError, Tracker, format_record, make_writers, peak_tflops
 
@@ -77,6 +80,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, *, devices=None, log: Callable[[str], None] | None = None):
+        self.lock = None
         self.checkpointer = None
         self.train_iter = None
         self.tracker = None
@@ -94,8 +98,9 @@ class Trainer:
     def _setup(self, config: RunConfig, devices) -> None:
         from gf_jax import sharding as sharding_lib
 
-        config = pretrained.apply_init_from(config)  # the architecture (and tokenizer) of train.init_from
         self.run_dir = config.train.run_dir
+        self._take_lock()  # before anything is read or written: one trainer per run directory
+        config = pretrained.apply_init_from(config)  # the architecture (and tokenizer) of train.init_from
         self.resume_step = self._check_resume(config)
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self._check_batch_fits_mesh(config)
@@ -113,13 +118,30 @@ class Trainer:
         self._setup_tracker()
         self._add_builtin_hooks()
 
+    def _take_lock(self) -> None:
+        """Process 0 takes the run directory's lock; every process stops with its sentence if that fails."""
+        error = ""
+        if is_main_process():
+            try:
+                self.lock = RunLock.acquire(self.run_dir, log=self.log)
+            except RunDirInUse as e:
+                error = str(e)
+        error = distributed.allgather_str(error)[0]  # the other processes never touch the lock
+        if error:
+            raise RunDirInUse(error)
+
     def _check_resume(self, config: RunConfig) -> int | None:
-        """The step to resume from (None: a new run); a different model fails before anything compiles."""
+        """The step to resume from (None: a new run); a different model fails before anything compiles.
+        A checkpoint whose config does not read is skipped (see ``_setup_state``)."""
         t = config.train
-        self.checkpointer = Checkpointer(self.run_dir, keep=t.keep_ckpts, async_save=t.async_checkpoint)
-        step = self.checkpointer.latest_step()
-        if step is not None:
-            check_compatible(self.checkpointer.saved_config(step)["model"], config.model, self.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir, keep=t.keep_ckpts, async_save=t.async_checkpoint,
+                                         clean_up=True)  # this process holds the run's lock
+        self._all_steps = self.checkpointer.all_steps()
+        if not self._all_steps:
+            return None
+        step, saved = self.checkpointer.restore_newest_good(self.checkpointer.saved_config, self._all_steps,
+                                                            log=self.log)
+        check_compatible(saved["model"], config.model, self.run_dir)
         return step
 
     def _check_batch_fits_mesh(self, config: RunConfig) -> None:
@@ -144,9 +166,14 @@ class Trainer:
         self.data_fingerprints = distributed.allgather_str(str(self.train_iter.get_state().get("fingerprint", "")))
         self.val_tokens = None
         if t.eval_every > 0:  # tokenized once; every evaluation passes over the same documents
-            self.val_tokens = data_lib.tokenize_documents(
-                data_lib.load_documents(c.data, "validation"), self.tokenizer, c.data.add_bos, c.data.add_eos,
-            )
+            documents = data_lib.load_documents(c.data, "validation")
+            if not documents:  # found now, not after the last training step
+                raise ValueError(
+                    f"data.validation_fraction={c.data.validation_fraction} leaves no validation documents in "
+                    f"{c.data.path if c.data.source != 'tfds' else c.data.tfds_name}; raise it, use more "
+                    "documents, or set train.eval_every=0."
+                )
+            self.val_tokens = data_lib.tokenize_documents(documents, self.tokenizer, c.data.add_bos, c.data.add_eos)
 
     def _setup_state(self) -> None:
         """Fresh, restored from the latest checkpoint, or fresh with ``train.init_from``'s parameters."""
@@ -160,11 +187,14 @@ class Trainer:
                 self.start_from(pretrained.load_init_params(spec, fns, self.config.model))
                 self.log(f"[gf_jax.train] parameters from {spec} (fresh optimizer)")
             return
-        restored = self.checkpointer.restore(
-            self.resume_step,
-            abstract_model=abstract_with_shardings(fns.abstract_model_state, fns.model_shardings),
-            abstract_opt=abstract_with_shardings(fns.abstract_opt_state, fns.opt_shardings),
+        abstract_model = abstract_with_shardings(fns.abstract_model_state, fns.model_shardings)
+        abstract_opt = abstract_with_shardings(fns.abstract_opt_state, fns.opt_shardings)
+        self.resume_step, restored = self.checkpointer.restore_newest_good(
+            lambda step: self.checkpointer.restore(step, abstract_model=abstract_model, abstract_opt=abstract_opt),
+            [s for s in self._all_steps if s <= self.resume_step], log=self.log,
         )
+        # Every process must resume from the same step (a file one host cannot read is not enough).
+        distributed.check_same_on_all_processes(str(self.resume_step), "newest restorable checkpoint")
         self.model_state, self.opt_state = restored["model"], restored["optimizer"]
         loop = restored["loop"]
         self.train_iter.set_state(self._own_data_state(loop))
@@ -173,7 +203,15 @@ class Trainer:
         self.step = self.resume_step
 
     def _write_run_files(self, tokenizer_copy: str) -> None:
-        """The run directory's config and tokenizer, written only once every check has passed."""
+        """The run directory's config and tokenizer, written only once every check has passed; then
+        checkpoints newer than the resumed one (they did not restore) are moved aside, kept."""
+        skipped = [s for s in self._all_steps if self.resume_step is not None and s > self.resume_step]
+        if skipped and is_main_process():
+            for path in self.checkpointer.set_aside(skipped):
+                self.log(f"[gf_jax.train] moved the checkpoint that did not restore to {path}")
+        if skipped:
+            distributed.allgather_str("")  # the others re-read the steps once process 0 has moved them
+            self.checkpointer.reload()
         if not is_main_process():
             return
         rundir.makedirs(self.run_dir)
@@ -365,6 +403,8 @@ class Trainer:
 
     def _after_step(self, end: int, stop: StopSignal) -> bool:
         """Runs the hooks that are due; True when a stop signal ended the run (after a checkpoint)."""
+        if self.lock is not None:
+            self.lock.check()
         stopping = stop.requested(self.step)
         due = [hook for hook in self.hooks if hook.due(self.step, end)]
         if not (due or stopping):
@@ -415,7 +455,13 @@ class Trainer:
             self._pbar = None
 
     def close(self) -> None:
-        """Waits for pending checkpoint writes, stops the data prefetch thread, closes the writers."""
-        for part in (self.checkpointer, self.train_iter, self.tracker):
-            if part is not None:
-                part.close()
+        """Waits for pending checkpoint writes, stops the data prefetch thread, closes the writers,
+        then releases the run directory."""
+        try:
+            for part in (self.checkpointer, self.train_iter, self.tracker):
+                if part is not None:
+                    part.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None

@@ -62,24 +62,28 @@ def test_rundir_ops_on_a_bucket(bucket, tmp_path):
 
 
 def test_trainer_files_and_tokenizer_live_in_a_bucket(bucket, tmp_path):
-    from gf_jax import checkpoint, train
+    from gf_jax import checkpoint, trainer
     from gf_jax.config import load_config
     from gf_jax.tokenizer import Tokenizer, train_from_texts
+    from gf_jax.tracker import JsonlWriter
 
     texts = [f"speech number {i}: to be or not to be, that is the question {i % 7}" for i in range(200)]
     tok_path = train_from_texts(texts, 290, str(tmp_path / "tok"))
     run = "gs://bkt/runs/b"
     config = load_config("configs/tiny.yaml", [f"train.run_dir={run}", f"data.tokenizer={tok_path}"])
-    tokenizer, recorded = train.resolve_tokenizer(config, run)
+    tokenizer, recorded = trainer.resolve_tokenizer(config, run)
     assert recorded == f"{run}/tokenizer.model"
+    assert not rundir.exists(recorded)  # the trainer copies it once every check has passed
+    rundir.makedirs(run)
+    rundir.copy_file(tokenizer.path, recorded)
     assert (bucket / "bkt/runs/b/tokenizer.model").read_bytes() == open(tok_path, "rb").read()
     # Evaluation finds and loads the tokenizer from the bucket.
     found = checkpoint.find_tokenizer(run, config)
     assert Tokenizer.load(found).encode(["to be or not"]) == tokenizer.encode(["to be or not"])
-    writer = train.MetricsWriter(run, resume_step=None, tensorboard=False)
+    writer = JsonlWriter(run, resume_step=None)
     writer.write({"step": 10, "loss": 3.0})
     writer.write({"step": 20, "loss": 2.5})
-    resumed = train.MetricsWriter(run, resume_step=10, tensorboard=False)  # drops records after 10
+    resumed = JsonlWriter(run, resume_step=10)  # drops records after 10
     resumed.write({"step": 20, "loss": 2.4})
     lines = (bucket / "bkt/runs/b/metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln) for ln in lines] == [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.4}]
