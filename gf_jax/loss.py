@@ -215,6 +215,17 @@ def _targets(targets_BxT, leading_shape, what: str):
     return targets_BxT
 
 
+def _check_ids_below(targets_BxT, V: int) -> None:
+    """Target ids >= V would select no logit and give a finite, meaningless loss. Checked when the
+    values are known (an eager call); under ``jit`` they are not, and ids must be < V."""
+    if isinstance(targets_BxT, jax.core.Tracer) or targets_BxT.size == 0:
+        return
+    largest = int(jnp.max(targets_BxT))
+    if largest >= V:
+        raise ValueError(f"targets_BxT holds id {largest} but the logits have V={V} ids; target ids must be < V "
+                         "(negative ids mark targets to ignore).")
+
+
 def _valid_mask(targets_BxT, weights_BxT, pad_id):
     """Valid targets: id >= 0, id != pad_id, weight > 0. Weights are a mask, not multipliers."""
     valid_BxT = targets_BxT >= 0
@@ -264,6 +275,7 @@ def goldfish_terms(
 ) -> TokenTerms:
     """Per-target ``TokenTerms`` of a batch (arguments as in ``loss_fn``)."""
     targets_BxT = _targets(targets_BxT, logits_BxTxV.shape[:-1], "logits_BxTxV.shape[:-1]")
+    _check_ids_below(targets_BxT, logits_BxTxV.shape[-1])
     drop_BxT, valid_BxT = _mask_args(targets_BxT, config, weights_BxT, pad_id, positions_BxT, context_BxC, rng, table)
     xent_BxT, logz_BxT = token_cross_entropy(logits_BxTxV, targets_BxT, label_smoothing)
     return TokenTerms(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
@@ -289,7 +301,8 @@ def loss_fn(
     Args:
       logits_BxTxV: logits of any float dtype and any sharding (log-softmax in float32).
       targets_BxT: the next tokens, ``logits_BxTxV.shape[:-1]`` (already shifted: target t is the
-        token after input t). Negative ids are invalid (an ignore index).
+        token after input t). Negative ids are invalid (an ignore index); ids must be < V (an
+        eager call checks it).
       config: GoldfishConfig (``GoldfishConfig(strategy="none")`` is the standard loss).
       weights_BxT: optional mask: a target is valid iff its weight > 0. Weights are *not*
         multipliers (weights 1 and 3 give the same loss): the loss is a mean over kept targets

@@ -20,10 +20,12 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from gf_jax.textcheck import check_text_file
 
 # Options of every trained tokenizer; part of the cache key, so changing one retrains.
 _TRAIN_OPTIONS = dict(
@@ -72,7 +74,7 @@ class Tokenizer:
         self.pad_id = pad if pad >= 0 else (unk if unk >= 0 else 0)
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str) -> Tokenizer:
         """Loads a sentencepiece ``.model`` file, or a Hugging Face ``tokenizer.json`` / model
         directory (an ``HFTokenizer`` with the same interface, see ``gf_jax.hf.tokenizer``);
         raises FileNotFoundError with the path."""
@@ -100,7 +102,9 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS."""
-        return self._sp.encode(list(texts), out_type=int)
+        from gf_jax.hf.tokenizer import text_list
+
+        return self._sp.encode(text_list(texts), out_type=int)
 
     def encode_arrays(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[np.ndarray]:
         """Like ``encode`` but int32 arrays, optionally framed by BOS/EOS (ids checked to exist)."""
@@ -143,6 +147,7 @@ def _read_inputs(inputs: Sequence[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"tokenizer training input {path!r} does not exist; pass an existing file or folder.")
         for f in files:
+            check_text_file(f, what="tokenizer training input")
             with open(f, encoding="utf-8-sig", errors="replace") as fh:
                 texts.append(fh.read())
     return texts

@@ -7,7 +7,7 @@ non-members of a membership test and never enter the stream.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,9 +26,9 @@ def load_canaries(config: DataConfig) -> tuple[list[Document], list[Document]]:
     if not config.canary_path:
         return [], []
     if config.canary_path.endswith(".jsonl"):
-        docs = read_jsonl_documents(config.canary_path, config.text_field, config.id_field)
+        docs = read_jsonl_documents(config.canary_path, config.text_field, config.id_field, what="data.canary_path")
     else:
-        docs = read_text_documents(config.canary_path, config.canary_split_rule)
+        docs = read_text_documents(config.canary_path, config.canary_split_rule, what="data.canary_path")
     if not docs:
         raise ValueError(f"no canary documents found in {config.canary_path!r}; check data.canary_path.")
     docs = [Document(CANARY_PREFIX + d.id, d.text) for d in docs]

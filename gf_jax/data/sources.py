@@ -11,11 +11,12 @@ import json
 import os
 import re
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from gf_jax.data.config import DataConfig
+from gf_jax.textcheck import check_text_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +71,13 @@ def _files(path: str, suffix: str, what: str) -> tuple[list[str], str]:
     raise FileNotFoundError(f"data path {path!r} does not exist; set data.path to a {what} file or folder.")
 
 
-def read_text_documents(path: str, split_rule: str) -> list[Document]:
-    """Documents of a text file or folder of ``.txt`` files, ids ``relpath`` or ``relpath#k``."""
+def read_text_documents(path: str, split_rule: str, what: str = "data.path") -> list[Document]:
+    """Documents of a text file or folder of ``.txt`` files, ids ``relpath`` or ``relpath#k``
+    (a file that is not text is refused, naming ``what``: the setting that points at it)."""
     files, root = _files(path, ".txt", "text")
     docs = []
     for f in files:
+        check_text_file(f, what=what)
         rel = os.path.relpath(f, root) if root else os.path.basename(f)
         with open(f, encoding="utf-8-sig", errors="replace") as fh:
             parts = _split(fh.read(), split_rule)
@@ -87,11 +90,13 @@ def read_text_documents(path: str, split_rule: str) -> list[Document]:
 # JSONL.
 
 
-def read_jsonl_documents(path: str, text_field: str, id_field: str | None) -> list[Document]:
+def read_jsonl_documents(path: str, text_field: str, id_field: str | None,
+                         what: str = "data.path") -> list[Document]:
     """Documents of a JSONL file or folder; ids from ``id_field`` or ``relpath:line``."""
     files, root = _files(path, ".jsonl", "JSONL")
     docs = []
     for f in files:
+        check_text_file(f, what=what)
         rel = os.path.relpath(f, root) if root else os.path.basename(f)
         with open(f, encoding="utf-8") as fh:
             for line_no, line in enumerate(fh, 1):
@@ -110,6 +115,11 @@ def _jsonl_record(line: str, where: str, text_field: str, id_field: str | None) 
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg}); fix or delete that line.") from None
+    if isinstance(record, dict) and text_field in record and not isinstance(record[text_field], str):
+        value = record[text_field]
+        kinds = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+        kind = "null" if value is None else kinds.get(type(value), type(value).__name__)
+        raise ValueError(f"{where}: field {text_field!r} is {kind}, not a string; put the document's text there.")
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{where}: no string field {text_field!r} (found {keys}); set "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -62,6 +62,13 @@ def special_ids(directory: str, token_to_id) -> dict[str, int]:
     return {kind: found.get(kind, -1) for kind in ("bos", "eos", "pad")}
 
 
+def text_list(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list; a bare string is refused (iterating it would encode each character)."""
+    if isinstance(texts, str):
+        raise TypeError("encode takes a list of texts; for one text use encode([text])[0].")
+    return list(texts)
+
+
 class HFTokenizer:
     """A ``tokenizer.json`` with the interface of :class:`gf_jax.tokenizer.Tokenizer`.
 
@@ -84,7 +91,7 @@ class HFTokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS (``add_special_tokens=False`` in HF terms)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._tok.encode_batch(text_list(texts), add_special_tokens=False)]
 
     def encode_arrays(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[np.ndarray]:
         """Like ``encode`` but int32 arrays, optionally framed by BOS/EOS (ids checked to exist)."""
