@@ -62,8 +62,8 @@ def tok():
 def test_only_the_completion_and_eos_are_supervised(tmp_path, tok):
     cfg = config(write_jsonl(tmp_path / "qa.jsonl", qa_records(3)))
     enc = data.encode_examples(data.read_examples(cfg), tok, cfg)
-    for tokens, sup, start, rec in zip(enc.tokens, enc.supervised, enc.answer_starts, qa_records(3)):
-        assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id and sup[-1]
+    for tokens, sup, (start, end), rec in zip(enc.tokens, enc.supervised, enc.answers, qa_records(3)):
+        assert end == len(tokens) and tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id and sup[-1]
         assert not sup[:start].any() and sup[start:].all()
         assert tok.decode([tokens[start:]])[0] == rec["completion"]
         assert tok.decode([tokens[:start]])[0] == rec["prompt"]
@@ -73,7 +73,7 @@ def test_train_on_prompt_supervises_everything_but_the_first_token(tmp_path, tok
     cfg = config(write_jsonl(tmp_path / "qa.jsonl", qa_records(2)), train_on_prompt=True)
     enc = data.encode_examples(data.read_examples(cfg), tok, cfg)
     assert all(not s[0] and s[1:].all() for s in enc.supervised)
-    assert enc.answer_starts[0] > 1  # the answer still starts where it does (evaluation's split)
+    assert enc.answers[0][0] > 1  # the answer still starts where it does (evaluation's split)
 
 
 def _goldfish_holes(batches, tok, gcfg):
@@ -97,7 +97,7 @@ def test_packed_examples_are_whole_weighted_on_answers_with_the_same_goldfish_ho
                          process_count=1, prefetch=0, with_doc_ids=True, context=16)
     batches = [it.batch(s) for s in range(4 * it.rows_per_epoch)]  # several epochs, other packings
     for batch in batches:
-        for b, pieces in enumerate(data.unpack_batch(batch)):
+        for pieces in data.unpack_batch(batch):
             for first, _ in pieces:
                 assert first == 0  # every example starts its row piece: never cut
         real_BxT = batch.doc_ids_BxT >= 0

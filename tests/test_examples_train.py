@@ -35,3 +35,15 @@ def test_training_on_examples_runs_and_evaluates_answers_only(tmp_path):
     record = trainer.evaluate()
     assert record["val_tokens"] == n_answer_targets  # prompts are not scored
     assert trainer.run()["step"] == 3
+    trainer.close()
+
+    from gf_jax import evaluate
+
+    run_dir = str(tmp_path / "run")
+    results = evaluate.main(["--run", run_dir, "--docs", "train", "--heldout", "validation", "--suffix-len", "4",
+                             "--batch-size", "8", "--out", str(tmp_path / "eval")])
+    result = results["run"]
+    per_doc = result["memorization"]["per_doc"]
+    assert per_doc and all(d["reference"].endswith(" fine.") for d in per_doc)  # the suffix is the answer's end
+    assert result["mia"]["n_nonmembers"] == len(val_tokens.tokens)
+    assert result["heldout"]["loss"] > 0

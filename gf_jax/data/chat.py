@@ -14,7 +14,7 @@ import datetime
 import functools
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -139,8 +139,9 @@ def assistant_spans(template: str, messages: Sequence[dict], special_tokens: dic
 
     A turn's span is what rendering it adds after the conversation before it plus the generation
     prompt: the reply and its end-of-turn marker (what the model must learn to produce), not the
-    role header (unless the template writes that differently from its generation prompt). Needs a template that renders a conversation's beginning as a prefix of the
-    whole (every common template does); else a ValueError.
+    role header (unless the template writes that differently from its generation prompt). Needs a
+    template that renders a conversation's beginning as a prefix of the whole (every common
+    template does); else a ValueError.
     """
     full = render_chat(template, messages, special_tokens)
     spans = []

@@ -12,7 +12,7 @@ Shapes: B rows, T tokens per row.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,12 +46,13 @@ class Example:
 class EncodedExamples(NamedTuple):
     """Examples as tokens: ``tokens[i]`` int32 and ``supervised[i]`` bool of the same length, True
     where token j is a supervised *target* (it is predicted from tokens < j); ``ids[i]`` its id;
-    ``answer_starts[i]`` the index of its answer's first token (the prompt is what comes before)."""
+    ``answers[i]`` the token span [start, end) of its (last) answer, whatever ``train_on_prompt``
+    says: evaluation's prompt is what comes before it."""
 
     tokens: list[np.ndarray]
     supervised: list[np.ndarray]
     ids: list[str]
-    answer_starts: list[int]
+    answers: list[tuple[int, int]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +86,8 @@ def _parse_messages(messages: Any, where: str, field: str) -> tuple[dict, ...]:
         if m["role"] not in chat.ROLES:
             raise ValueError(f"{where}: turn {n} has unknown role {m['role']!r}; use one of {', '.join(chat.ROLES)}.")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise ValueError(f"{where}: no assistant turn with text, so nothing would be learned; add one or delete that line.")
+        raise ValueError(f"{where}: no assistant turn with text, so nothing would be learned; add one or delete "
+                         "that line.")
     return tuple(messages)
 
 
@@ -149,8 +152,8 @@ def _text_and_spans(example: Example, config: DataConfig, template: str | None, 
 
 
 def encode_example(example: Example, tokenizer, config: DataConfig, template: str | None,
-                   max_len: int | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens int32, supervised bool, index of the answer's first token) of one example, at most
+                   max_len: int | None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(tokens int32, supervised bool, token span of the last answer) of one example, at most
     ``max_len`` tokens (``data.truncate``)."""
     text, spans = _text_and_spans(example, config, template, special_tokens(tokenizer))
     ids, starts_N = tokenizer.encode_offsets(text)
@@ -165,28 +168,40 @@ def encode_example(example: Example, tokenizer, config: DataConfig, template: st
             ids, supervised_N = ids + [tokenizer.eos_id], np.concatenate([supervised_N, [True]])
     tokens_N = np.asarray(ids, np.int32)
     supervised_N[:1] = False  # the first token is never a target
-    answer_start = int(np.argmax(supervised_N)) if supervised_N.any() else len(tokens_N)
+    answer = last_run(supervised_N)
     if config.train_on_prompt:
         supervised_N = np.arange(len(tokens_N)) > 0
     if max_len is not None and len(tokens_N) > max_len:
         if not config.truncate:
-            raise ValueError(f"{example.where}: the example has {len(tokens_N)} tokens, more than the {max_len} a "
-                             "row holds (train.seq_len + 1); shorten it, raise train.seq_len or set data.truncate=true.")
+            raise ValueError(f"{example.where}: the example has {len(tokens_N)} tokens, more than the {max_len} "
+                             "a row holds (train.seq_len + 1); shorten it, raise train.seq_len or set "
+                             "data.truncate=true.")
         tokens_N, supervised_N = tokens_N[:max_len], supervised_N[:max_len]
-    if answer_start >= len(tokens_N) or not supervised_N.any():
+        answer = (answer[0], min(answer[1], max_len))
+    if answer[0] >= answer[1] or not supervised_N.any():
         raise ValueError(f"{example.where}: no supervised token is left (the answer is empty or truncated away); "
                          "shorten the prompt or raise train.seq_len.")
-    return tokens_N, supervised_N, answer_start
+    return tokens_N, supervised_N, answer
+
+
+def last_run(mask_N: np.ndarray) -> tuple[int, int]:
+    """[start, end) of the last run of True in ``mask_N`` ((n, n) when there is none)."""
+    true_at = np.flatnonzero(mask_N)
+    if not len(true_at):
+        return len(mask_N), len(mask_N)
+    gaps = np.flatnonzero(np.diff(true_at) > 1)
+    start = true_at[gaps[-1] + 1] if len(gaps) else true_at[0]
+    return int(start), int(true_at[-1]) + 1
 
 
 def encode_examples(examples: Sequence[Example], tokenizer, config: DataConfig,
                     max_len: int | None = None) -> EncodedExamples:
     """Tokens and supervision of every example (``max_len``: train.seq_len + 1, the tokens of a row)."""
     template = chat.resolve_template(tokenizer, config.chat_template) if config.format == "chat" else None
-    tokens, supervised, starts = [], [], []
+    tokens, supervised, answers = [], [], []
     for example in examples:
-        tokens_N, supervised_N, answer_start = encode_example(example, tokenizer, config, template, max_len)
+        tokens_N, supervised_N, answer = encode_example(example, tokenizer, config, template, max_len)
         tokens.append(tokens_N)
         supervised.append(supervised_N)
-        starts.append(answer_start)
-    return EncodedExamples(tokens, supervised, [e.id for e in examples], starts)
+        answers.append(answer)
+    return EncodedExamples(tokens, supervised, [e.id for e in examples], answers)
