@@ -77,16 +77,14 @@ def test_train_on_prompt_supervises_everything_but_the_first_token(tmp_path, tok
 
 
 def _goldfish_holes(batches, tok, gcfg):
-    """{(example, position of target): dropped} over every supervised target of the batches, and
-    the count of targets with weight 0 that the mask would have counted."""
-    holes, seen_weights = {}, []
+    """{(example, position of target): {dropped?}} over every supervised target of the batches."""
+    holes = {}
     for batch in batches:
         drop_BxT = np.asarray(goldfish_mask(batch.targets_BxT, gcfg, positions_BxT=batch.positions_BxT,
                                             context_BxC=batch.context_BxC))
         for b, t in zip(*np.nonzero(batch.weights_BxT > 0)):
             key = (int(batch.doc_ids_BxT[b, t]), int(batch.positions_BxT[b, t]) + 1)
             holes.setdefault(key, set()).add(bool(drop_BxT[b, t]))
-        seen_weights.append(batch.weights_BxT)
     return holes
 
 
