@@ -360,6 +360,8 @@ def resolve_documents(source: str, data_config, *, split_rule: str = "blank_line
                              "pass a file of documents instead.")
         injected, held_out = data.load_canaries(data_config)
         docs = injected if source == "canaries" else held_out
+    elif os.path.exists(source) and data_config.format != "text":  # examples, read with the run's settings
+        docs = data.load_documents(dataclasses.replace(data_config, path=source, validation_fraction=0.0), "all")
     elif os.path.exists(source):
         kind = "jsonl" if source.endswith(".jsonl") else "text"
         docs = data.load_documents(data.DataConfig(source=kind, path=source, split_rule=split_rule), "all")
@@ -415,6 +417,11 @@ def evaluate_run(run_dir: str, docs: list, heldout: list | None, args, mesh=None
     model, config, tokenizer = load_model(run_dir, args.step, mesh=mesh)
     data.check_vocab_fits(tokenizer, model.config.vocab_size)
     name = os.path.basename(os.path.normpath(run_dir))
+    if config.data.format != "text":  # instruction/chat examples: judged on their answers
+        from gf_jax.example_eval import evaluate_examples
+
+        return {"run_dir": os.path.abspath(run_dir),
+                **evaluate_examples(model, config, tokenizer, docs, heldout, args, mesh, name)}
 
     def tokens_of(documents):
         return [t.tolist() for t in data.tokenize_documents(documents, tokenizer, config.data.add_bos,

@@ -116,6 +116,26 @@ class Tokenizer:
         tail = [self.eos_id] if add_eos else []
         return [np.asarray(head + ids + tail, np.int32) for ids in self.encode(texts)]
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(token ids, character offset where each token starts) of one text; BOS/EOS pieces written
+        in the text (``<s>``, as chat templates do) become their ids, as in transformers' slow
+        tokenizers, and the text between them is encoded piece by piece."""
+        specials = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
+        ids, starts, at = [], [], 0
+        pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+        for part in re.split(f"({pattern})", text) if pattern else [text]:
+            if part in specials:
+                ids.append(specials[part])
+                starts.append(at)
+            elif part:
+                # sentencepiece reports byte offsets; map them to characters of ``part``.
+                char_of_byte = np.repeat(np.arange(len(part) + 1), [len(c.encode()) for c in part] + [1])
+                for piece in self._sp.encode(part, out_type="proto").pieces:
+                    ids.append(int(piece.id))
+                    starts.append(at + int(char_of_byte[min(piece.begin, len(char_of_byte) - 1)]))
+            at += len(part)
+        return ids, starts
+
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of each id list (special ids such as BOS/EOS/PAD decode to nothing)."""
         return [self._sp.decode([int(i) for i in row]) for row in ids]

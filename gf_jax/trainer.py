@@ -173,7 +173,11 @@ class Trainer:
                     f"{c.data.path if c.data.source != 'tfds' else c.data.tfds_name}; raise it, use more "
                     "documents, or set train.eval_every=0."
                 )
-            self.val_tokens = data_lib.tokenize_documents(documents, self.tokenizer, c.data.add_bos, c.data.add_eos)
+            if c.data.format != "text":  # examples: tokens plus the mask of supervised targets
+                self.val_tokens = data_lib.encode_examples(documents, self.tokenizer, c.data, max_len=t.seq_len + 1)
+            else:
+                self.val_tokens = data_lib.tokenize_documents(documents, self.tokenizer, c.data.add_bos,
+                                                              c.data.add_eos)
 
     def _setup_state(self) -> None:
         """Fresh, restored from the latest checkpoint, or fresh with ``train.init_from``'s parameters."""
@@ -306,7 +310,8 @@ class Trainer:
         from gf_jax import data as data_lib
 
         t = self.config.train
-        batches = data_lib.eval_batches(
+        make_batches = data_lib.eval_batches if self.config.data.format == "text" else data_lib.example_eval_batches
+        batches = make_batches(
             self.val_tokens, global_batch=t.global_batch // t.grad_accum, seq_len=t.seq_len,
             pad_id=self.tokenizer.pad_id, mode=self.config.data.mode,
             context=self.config.data.row_context,  # validation targets get training's mask rule

@@ -11,6 +11,7 @@ import dataclasses
 SOURCES = ("text", "jsonl", "tfds")
 SPLIT_RULES = ("file", "blank_line", "wikitext")
 MODES = ("packed", "document")
+FORMATS = ("text", "prompt_completion", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,14 @@ class DataConfig:
         a row's first column in its document, so the goldfish hash of a row that starts
         mid-document sees its whole window instead of dropping its first h targets. Keep it
         >= goldfish.h (0: no context).
+      format: ``text`` (documents), ``prompt_completion`` or ``chat`` (JSONL examples whose
+        answers alone are supervised; see docs/fine-tuning.md and ``gf_jax.data.examples``).
+      prompt_field, completion_field: JSONL keys of a ``prompt_completion`` example.
+      messages_field: JSONL key of a ``chat`` example's ``[{role, content}]`` turns.
+      chat_template: "" = the tokenizer's own ``chat_template``; else a built-in template name
+        (``chatml``, ``llama2``, ``llama3``) or a ``.jinja`` file.
+      train_on_prompt: supervise the prompt (and chat headers) too, not only the answers.
+      truncate: cut an example longer than a row (train.seq_len + 1 tokens) instead of failing.
     """
 
     source: str = "text"
@@ -77,6 +86,13 @@ class DataConfig:
     canary_repeats: int = 0
     canary_seed: int = 0
     row_context: int = 32
+    format: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    chat_template: str = ""
+    train_on_prompt: bool = False
+    truncate: bool = False
 
     def __post_init__(self):
         check_choice("data.source", self.source, SOURCES)
@@ -93,6 +109,10 @@ class DataConfig:
             raise ValueError(f"data.row_context={self.row_context} must be >= 0 (0: no row context).")
         if self.canary_repeats > 0 and not self.canary_path:
             raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
+        check_choice("data.format", self.format, FORMATS)
+        if self.format != "text" and (self.source != "jsonl" or self.canary_repeats):
+            raise ValueError(f"data.format={self.format} reads examples from JSONL without canaries; set "
+                             "data.source=jsonl and data.canary_repeats=0.")
         if self.source == "tfds" and not self.tfds_name:
             raise ValueError("data.source=tfds needs data.tfds_name (e.g. 'wikipedia/20230601.en').")
 

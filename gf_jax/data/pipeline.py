@@ -25,6 +25,12 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
         raise ValueError(f"split={split!r} must be 'train' or 'validation'.")
     if split == "validation" and config.validation_fraction <= 0:
         raise ValueError("split='validation' needs data.validation_fraction > 0.")
+    if config.format != "text":  # instruction/chat examples: whole examples per row, answers supervised
+        from gf_jax.data.example_batches import make_example_iterator
+
+        return make_example_iterator(config, tokenizer, global_batch=global_batch, seq_len=seq_len, split=split,
+                                     process_index=process_index, process_count=process_count,
+                                     prefetch=prefetch, with_doc_ids=with_doc_ids)
     pi, pc = default_process(process_index, process_count)
     stream = document_stream(config)
     share = process_share(len(stream), pi, pc)

@@ -199,7 +199,11 @@ def read_background(config: DataConfig) -> Sequence[Document]:
     if config.source == "tfds":
         return TfdsDocuments(config.tfds_name, config.tfds_split, config.tfds_data_dir, config.tfds_text_feature,
                              config.id_field, config.max_documents)
-    if config.source == "jsonl":
+    if config.format != "text":  # instruction/chat examples: an Example has a Document's id and text
+        from gf_jax.data.examples import read_examples
+
+        docs = read_examples(config)
+    elif config.source == "jsonl":
         docs = read_jsonl_documents(config.path, config.text_field, config.id_field)
     else:
         docs = read_text_documents(config.path, config.split_rule)

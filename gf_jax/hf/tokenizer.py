@@ -19,8 +19,8 @@ import numpy as np
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 # Everything a Hugging Face tokenizer may consist of (copied on import and export).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 _ID_FILES = ("generation_config.json", "config.json")
 
 
@@ -102,6 +102,12 @@ class HFTokenizer:
         head = [self.bos_id] if add_bos else []
         tail = [self.eos_id] if add_eos else []
         return [np.asarray(head + ids + tail, np.int32) for ids in self.encode(texts)]
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(token ids, character offset where each token starts) of one text, special tokens written
+        in the text (``<|im_end|>``) as their ids: what chat fine-tuning maps its spans with."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [start for start, _ in encoding.offsets]
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of each id list (special tokens such as BOS/EOS/PAD decode to nothing)."""
