@@ -80,6 +80,8 @@ class MemoryReport:
     temporaries: int
     generated_code: int
     compile_s: float
+    error: str | None = None  # the compiler's refusal (e.g. out of HBM): the program does not fit
+
 
     @property
     def total(self) -> int:
@@ -93,9 +95,13 @@ class MemoryReport:
     @property
     def fits(self) -> bool | None:
         """Whether the total stays within ``FIT_FRACTION`` of HBM (None: HBM unknown)."""
+        if self.error is not None:
+            return False
         return None if self.hbm is None else self.total <= FIT_FRACTION * self.hbm
 
     def format(self) -> str:
+        if self.error is not None:
+            return f"{self.device_kind} x{self.chips}: does NOT compile: {self.error} ({self.compile_s:.1f} s)"
         hbm = "unknown HBM" if self.hbm is None else (
             f"of {self.hbm / GIB:.2f} GiB HBM = {100 * self.total / self.hbm:.0f}% "
             f"({'fits' if self.fits else 'does NOT fit'} within {FIT_FRACTION:.0%})"
@@ -106,6 +112,20 @@ class MemoryReport:
             f"temporaries {self.temporaries / GIB:.2f} GiB, code {self.generated_code / GIB:.3f} GiB; "
             f"total {self.total / GIB:.2f} GiB {hbm}; compiled in {self.compile_s:.1f} s"
         )
+
+
+def _compile(lowered, devices):
+    """``(compiled or None, MemoryReport)``; running out of HBM is a result, not an exception."""
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
+        return None, MemoryReport(devices[0].device_kind, len(devices), 0, 0, 0, 0, 0,
+                                  time.perf_counter() - start, error=message)
+    return compiled, memory_report(compiled, devices, time.perf_counter() - start)
 
 
 def memory_report(compiled, devices, compile_s: float) -> MemoryReport:
@@ -119,7 +139,8 @@ def memory_report(compiled, devices, compile_s: float) -> MemoryReport:
 
 
 def compile_train_step(config, devices):
-    """The trainer's train step of ``config`` compiled for ``devices``: ``(compiled, MemoryReport)``."""
+    """The trainer's train step of ``config`` compiled for ``devices``: ``(compiled, MemoryReport)``
+    (``compiled`` is None when the compiler finds that it does not fit; the report says why)."""
     from gf_jax.sharding import make_mesh
     from gf_jax.step import make_step_functions
 
@@ -130,9 +151,7 @@ def compile_train_step(config, devices):
         lowered = steps.train_step.jitted.lower(
             steps.abstract_model_state, steps.abstract_opt_state, abstract_batch(config)
         )
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, memory_report(compiled, devices, time.perf_counter() - start)
+    return _compile(lowered, devices)
 
 
 def compile_decode(config, devices, *, batch: int, prompt_len: int, new_tokens: int):
@@ -155,6 +174,4 @@ def compile_decode(config, devices, *, batch: int, prompt_len: int, new_tokens: 
         lowered = generate._decode_jit.lower(
             steps.model_graphdef, state, tokens, per_row, per_row, n_new=new_tokens, beam_width=1, mesh=mesh
         )
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, memory_report(compiled, devices, time.perf_counter() - start)
+    return _compile(lowered, devices)
