@@ -10,39 +10,32 @@ to mesh axes, so the model itself never mentions a mesh. Parameters are created 
 sharding, so the model can be built anywhere (plain CPU, ``nnx.eval_shape``, or under ``jax.jit``
 with ``out_shardings`` from ``gf_jax.sharding.model_shardings``).
 
-Attention. Training attention is causal and restricted to equal segment ids (packed documents).
-``attention="xla"`` is an explicit einsum/softmax in float32 that runs everywhere. ``"cudnn"`` calls
-``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention, bf16/fp16 only); that public
-API has no segment-id argument, so packed segments are passed as a boolean ``B x 1 x T x T`` mask,
-which cuDNN applies as an additive bias (still flash attention: no ``T x T`` float32 scores per
-head are stored). ``"auto"`` picks cuDNN on GPU when dtype, head_dim and the tensor axis allow it,
-and falls back to the XLA path (with one warning) if jax's trace-time checks reject the call; the
-XLA path otherwise (CPU, TPU, float32). KV-cache decoding always uses the XLA path.
+Attention. Training attention is causal and restricted to equal segment ids (packed documents);
+``gf_jax.attention`` holds the implementations (``model.attention``: XLA einsum, cuDNN, Pallas
+splash on TPU, Pallas on GPU) and picks one for ``auto``. KV-cache decoding always uses the XLA path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from gf_jax.attention import ATTENTION_OUT, IMPLEMENTATIONS, attend, attention_xla
 from gf_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_REMAT = ("none", "full", "save_dots")
-_ATTENTION = ("auto", "xla", "cudnn")
+_REMAT = ("none", "full", "save_dots", "minimal")
+# Name of the saved MLP input for the ``minimal`` remat policy.
+_MLP_IN = "mlp_in"
 _ROPE_SCALING = ("none", "linear", "llama3")
-# Additive mask value: finite so a fully masked row (never produced here) cannot create NaNs.
-_MASK_VALUE = -1e30
 # Logical axes of the residual stream: batch-sharded, replicated along length and d_model. Without
 # this hint, propagation may follow the fsdp-sharded weights and split activations along d_model.
 _RESIDUAL = ("batch", "length", "act_embed")
-_HEADS = ("batch", "length", "act_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +65,8 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    attention_block_q: int = 512    # splash attention tiles (multiples of 128; cut to divide T)
+    attention_block_kv: int = 512
     init_std: float = 0.02
     # Pretrained-architecture features (gf_jax.hf imports them); the defaults are plain LLaMA.
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
@@ -105,8 +100,11 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}.")
         if self.remat not in _REMAT:
             raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}.")
-        if self.attention not in _ATTENTION:
-            raise ValueError(f"model.attention must be one of {_ATTENTION}, got {self.attention!r}.")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"model.attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}.")
+        for name in ("attention_block_q", "attention_block_kv"):
+            if getattr(self, name) <= 0 or getattr(self, name) % 128:
+                raise ValueError(f"model.{name} must be a positive multiple of 128, got {getattr(self, name)!r}.")
         if self.rope_scaling not in _ROPE_SCALING:
             raise ValueError(f"model.rope_scaling must be one of {_ROPE_SCALING}, got {self.rope_scaling!r}.")
         # Sliding-window attention is not implemented; it equals full attention while every
@@ -190,94 +188,6 @@ def apply_rope(x_BxTxNxH, positions_BxT, theta: float, inv_freq_Hh=None):
     return out.astype(x_BxTxNxH.dtype)
 
 
-def causal_segment_mask(segment_ids_BxT):
-    """``mask_BxTxT[b, t, s]``: query t may attend key s (s <= t and same segment id)."""
-    t = segment_ids_BxT.shape[1]
-    causal_TxT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    return causal_TxT[None] & same_BxTxT
-
-
-def attention_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-    """Softmax attention with grouped K/V heads, scores and softmax in float32.
-
-    Query head n uses K/V head ``n // G`` (as ``jax.nn.dot_product_attention`` and HF ``repeat_kv``);
-    the grouping is a reshape of the queries, so K/V are never repeated in memory.
-    Returns ``out_BxTxNxH`` in the dtype of ``v``.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    k = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    ) / math.sqrt(h)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out.reshape(b, t, n, h)
-
-
-def attention_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, implementation="cudnn"):
-    """Causal ``jax.nn.dot_product_attention``; packed segments enter as a boolean B x 1 x T x T mask.
-
-    The public API takes no segment ids (cuDNN's packed-sequence offsets are not exposed), so the
-    segment mask is passed densely; cuDNN turns it into an additive bias. The test suite checks
-    this call with ``implementation="xla"`` against :func:`attention_xla`. cuDNN's SPMD rule wants
-    Q, K, V split the same way (batch and heads only) and the mask split like Q's batch: the
-    constraints below say so when a mesh is set.
-    """
-    q_BxTxNxH = constrain(q_BxTxNxH, _HEADS)
-    k_BxTxKxH = constrain(k_BxTxKxH, _HEADS)
-    v_BxTxKxH = constrain(v_BxTxKxH, _HEADS)
-    mask = None
-    if segment_ids_BxT is not None:
-        mask = constrain(causal_segment_mask(segment_ids_BxT)[:, None], ("batch", None, None, None))
-    return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation=implementation
-    )
-
-
-def _use_cudnn(config: ModelConfig, dtype, seq_len: int, has_segments: bool) -> bool:
-    if config.attention == "xla":
-        return False
-    if config.attention == "cudnn":
-        return True
-    # "auto": the shapes/dtypes cuDNN flash attention accepts on every supported GPU, and a
-    # tensor axis that splits query and key/value heads alike (cuDNN's partitioning rule).
-    h = config.resolved_head_dim
-    mesh = jax.sharding.get_abstract_mesh()
-    tensor = dict(mesh.shape).get("tensor", 1) if mesh is not None and not mesh.empty else 1
-    return (
-        jax.default_backend() == "gpu"
-        and dtype in (jnp.bfloat16, jnp.float16)
-        and h % 8 == 0
-        and h <= 128
-        and not (has_segments and seq_len % 2)  # bias + odd length is unsupported in training
-        and config.n_heads % tensor == 0
-        and config.n_kv_heads % tensor == 0
-    )
-
-
-_warned_fallback = False
-
-
-def _attention(config: ModelConfig, q, k, v, segment_ids_BxT, dtype):
-    """Dispatch between cuDNN and the einsum path (see the module docstring)."""
-    global _warned_fallback
-    if _use_cudnn(config, dtype, q.shape[1], segment_ids_BxT is not None):
-        try:
-            return attention_fused(q, k, v, segment_ids_BxT)
-        except (ValueError, NotImplementedError) as e:  # shape/dtype/version checks at trace time
-            if config.attention == "cudnn":
-                raise
-            if not _warned_fallback:
-                warnings.warn(f"cuDNN attention unavailable ({e}); using the XLA attention path.")
-                _warned_fallback = True
-    if segment_ids_BxT is None:
-        segment_ids_BxT = jnp.zeros(q.shape[:2], jnp.int32)
-    return attention_xla(q, k, v, causal_segment_mask(segment_ids_BxT))
-
-
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
@@ -336,7 +246,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, dtype):
         q, k, v = self._qkv(x_BxTxD, positions_BxT, dtype)
-        return self._out(_attention(self.config, q, k, v, segment_ids_BxT, dtype), dtype)
+        return self._out(attend(self.config, q, k, v, segment_ids_BxT, dtype), dtype)
 
     def decode(self, x_BxTxD, positions_BxT, layer_cache, cache_index_B, dtype):
         """Write this call's K/V at slots [cache_index, cache_index + T) and attend to the cache."""
@@ -377,7 +287,7 @@ class Block(nnx.Module):
     def __call__(self, h_BxTxD, positions_BxT, segment_ids_BxT):
         dtype = h_BxTxD.dtype
         h_BxTxD = h_BxTxD + self.attn(self.attn_norm(h_BxTxD, dtype), positions_BxT, segment_ids_BxT, dtype)
-        return h_BxTxD + self.mlp(self.mlp_norm(h_BxTxD, dtype), dtype)
+        return h_BxTxD + self.mlp(checkpoint_name(self.mlp_norm(h_BxTxD, dtype), _MLP_IN), dtype)
 
     def decode(self, h_BxTxD, positions_BxT, layer_cache, cache_index_B):
         dtype = h_BxTxD.dtype
@@ -389,7 +299,13 @@ class Block(nnx.Module):
 
 
 def _remat_policy(name: str):
-    return {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[name]
+    return {
+        "full": None,
+        "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        # MaxText's "minimal": keep the attention output (and splash's softmax statistics) and the
+        # MLP input; the backward pass recomputes only norms and the weight matmuls around them.
+        "minimal": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, _MLP_IN),
+    }[name]
 
 
 class Transformer(nnx.Module):

@@ -198,6 +198,7 @@ def _under_mesh(fn: Callable, mesh) -> Callable:
         with jax.set_mesh(mesh):
             return fn(*args)
 
+    call.jitted = fn  # the jax.jit object itself, for ahead-of-time lowering (gf_jax.aot)
     return call
 
 

@@ -9,9 +9,6 @@ from flax import nnx
 from gf_jax.model import (
     ModelConfig,
     Transformer,
-    attention_fused,
-    attention_xla,
-    causal_segment_mask,
     flops_per_token,
     param_count,
 )
@@ -229,20 +226,3 @@ def test_config_errors_say_what_to_change():
     model = Transformer(ModelConfig(**TINY), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(jnp.zeros((1, 33), jnp.int32))
-
-
-def test_fused_attention_call_matches_xla_path():
-    """The exact call the cuDNN path makes (mask layout, GQA head mapping, causal flag), run with
-    jax's XLA implementation, equals our einsum path; on CPU "auto" picks the einsum path."""
-    rng = np.random.default_rng(6)
-    q = jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.float32)
-    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]], jnp.int32)
-    want = attention_xla(q, k, v, causal_segment_mask(seg))
-    np.testing.assert_allclose(attention_fused(q, k, v, seg, implementation="xla"), want, atol=1e-5)
-    causal = attention_xla(q, k, v, causal_segment_mask(jnp.ones((2, 8), jnp.int32)))
-    np.testing.assert_allclose(attention_fused(q, k, v, None, implementation="xla"), causal, atol=1e-5)
-    from gf_jax.model import _use_cudnn
-
-    assert not _use_cudnn(ModelConfig(dtype="bfloat16"), jnp.bfloat16, 8, True)  # CPU backend

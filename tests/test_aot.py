@@ -1,0 +1,38 @@
+"""The train step of a tiny config compiled ahead of time for a TPU topology on this CPU host, with
+splash attention: the Mosaic lowering of the TPU kernel and the SPMD partitioning are checked
+without a TPU (needs libtpu from requirements.txt)."""
+
+import pytest
+
+from gf_jax import aot
+from gf_jax.config import load_config
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    pytest.importorskip("libtpu", reason="libtpu (requirements.txt) is not installed: no TPU compiler on this host")
+    return aot.topology_devices("v5e:2x2")
+
+
+def test_tiny_train_step_compiles_for_tpu_with_splash(v5e_2x2):
+    config = load_config("configs/tiny.yaml", [
+        "model.n_layers=1", "model.max_seq_len=256", "train.seq_len=256", "train.global_batch=8",
+        "train.grad_accum=2", "model.dtype=auto", "model.remat=minimal", "mesh.fsdp=2", "mesh.tensor=2",
+        "model.attention_block_q=128", "model.attention_block_kv=128",
+    ])
+    compiled, report = aot.compile_train_step(config, v5e_2x2)
+    # attention: auto on a TPU mesh is splash: its forward, dq and dkv kernels are Mosaic calls.
+    assert compiled.as_text().count("tpu_custom_call") >= 3
+    assert report.chips == 4 and report.device_kind == "TPU v5 lite"
+    assert report.hbm == 16 * aot.GIB and report.fits
+    assert 0 < report.arguments < report.total < 0.1 * aot.GIB
+
+
+def test_unknown_topology_is_one_sentence(v5e_2x2):
+    with pytest.raises(ValueError, match="cannot describe TPU topology 'v9z:2x2'"):
+        aot.topology_devices("v9z:2x2")
+
+
+def test_hbm_table():
+    assert aot.hbm_gib("TPU v6 lite") == 32 and aot.hbm_gib("TPU v5 lite") == 16
+    assert aot.hbm_gib("TPU v5p") == 95 and aot.hbm_gib("TPU v4") == 32 and aot.hbm_gib("cpu") is None
