@@ -49,7 +49,9 @@ def compute_weighted_cross_entropy(logits, targets, weights, label_smoothing=0.0
     vocab_size = logits.shape[-1]
     confidence = 1.0 - label_smoothing
     low_confidence = (1.0 - confidence) / (vocab_size - 1)
-    normalizing_constant = -(confidence * jnp.log(confidence) + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20))
+    normalizing_constant = -(
+        confidence * jnp.log(confidence) + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
+    )
     soft_targets = jnp.where(jax.nn.one_hot(targets, vocab_size) > 0, confidence, low_confidence)
     loss = -jnp.sum(soft_targets * nn.log_softmax(logits), axis=-1) - normalizing_constant
     return (loss * weights).sum(), weights.sum()

@@ -16,12 +16,16 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 from gf_jax import rundir
+
+if TYPE_CHECKING:
+    from gf_jax.model import ModelConfig
 
 # Fields that fix the parameters' shapes or meaning: a checkpoint cannot be resumed under others.
 # dtype, remat, attention kernel and max_seq_len may change between runs.
@@ -344,7 +348,7 @@ def split_step(path: str) -> tuple[str, int | None]:
     return str(path), None
 
 
-def pretrained_model_config(path: str) -> "ModelConfig":
+def pretrained_model_config(path: str) -> ModelConfig:
     """The architecture of ``path`` (an HF directory, a run directory, or ``RUN_DIR@STEP``) as a
     ModelConfig; the caller may replace non-architecture fields (dtypes, remat, max_seq_len) and
     must keep ``ARCHITECTURE_FIELDS`` (compare with :func:`check_compatible`)."""

@@ -429,7 +429,9 @@ def chunked_goldfish_terms(
     return TokenTerms(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
 
 
-def chunked_goldfish_sums(hidden_BxTxD, head, targets_BxT, config: GoldfishConfig, *, axis_name=None, **kwargs) -> LossSums:
+def chunked_goldfish_sums(
+    hidden_BxTxD, head, targets_BxT, config: GoldfishConfig, *, axis_name=None, **kwargs
+) -> LossSums:
     """``goldfish_sums`` from hidden states, chunk by chunk (see ``chunked_goldfish_terms``)."""
     sums = chunked_goldfish_terms(hidden_BxTxD, head, targets_BxT, config, **kwargs).sums()
     return sums if axis_name is None else sums.psum(axis_name)

@@ -18,6 +18,7 @@ splash on TPU, Pallas on GPU) and picks one for ``auto``. KV-cache decoding alwa
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax

@@ -97,7 +97,9 @@ class Tokenizer:
         try:
             processor.Load(path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path!r} is not a sentencepiece model ({e}); point data.tokenizer at a .model file.") from None
+            raise ValueError(
+                f"{path!r} is not a sentencepiece model ({e}); point data.tokenizer at a .model file."
+            ) from None
         return cls(processor, path)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -165,7 +167,9 @@ def _read_inputs(inputs: Sequence[str]) -> list[str]:
         elif os.path.isfile(path):
             files = [path]
         else:
-            raise FileNotFoundError(f"tokenizer training input {path!r} does not exist; pass an existing file or folder.")
+            raise FileNotFoundError(
+                f"tokenizer training input {path!r} does not exist; pass an existing file or folder."
+            )
         for f in files:
             check_text_file(f, what="tokenizer training input")
             with open(f, encoding="utf-8-sig", errors="replace") as fh:

@@ -50,7 +50,8 @@ def write_synthetic(hf_dir: str, dtype: str) -> int:
     from gf_jax.hf.safetensors_io import write_sharded
 
     np_dtype = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}[dtype]
-    v, d, f, n_layers = SHAPE["vocab_size"], SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_hidden_layers"]
+    v, d = SHAPE["vocab_size"], SHAPE["hidden_size"]
+    f, n_layers = SHAPE["intermediate_size"], SHAPE["num_hidden_layers"]
     kv = d * SHAPE["num_key_value_heads"] // SHAPE["num_attention_heads"]
     shapes = [("model.embed_tokens.weight", (v, d))]
     for i in range(n_layers):

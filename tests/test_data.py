@@ -268,15 +268,15 @@ def test_wikitext_articles_on_a_slice_of_the_real_file(tmp_path):
         lines = fh.read().split("\n")[:400]
     text = "\n".join(lines)
     docs = data.split_wikitext(text)
-    titles = [l for l in lines if l.startswith(" = ") and not l.startswith(" = = ") and l.endswith(" = ")]
+    titles = [line for line in lines if line.startswith(" = ") and not line.startswith(" = = ") and line.endswith(" = ")]
     assert len(titles) >= 2 and len(docs) == len(titles)
     for doc, title in zip(docs, titles):
         assert doc.split("\n")[0].strip() == title.strip()
         assert " = = " not in doc.split("\n")[0]
     assert sum(" = = " in d for d in docs) > 0  # section headings stay inside their article
     # Nothing is lost: every non-blank line is in exactly one article.
-    assert sorted(l.strip() for d in docs for l in d.split("\n") if l.strip()) == sorted(
-        l.strip() for l in lines if l.strip())
+    assert sorted(line.strip() for d in docs for line in d.split("\n") if line.strip()) == sorted(
+        line.strip() for line in lines if line.strip())
     # The whole embedded file has its 60 articles.
     whole = data.read_text_documents(WIKITEXT, "wikitext")
     assert len(whole) == 60 and whole[0].id == "wikitext2_valid.txt#0"
@@ -386,7 +386,7 @@ def test_train_iterator_on_text_uses_bos_eos_and_the_tokenizer(small_config, tok
 # ------------------------------------------------------------------------------------------- TFDS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_builder_class():
     """A 40 + 6 document text dataset (defined once: TFDS registers builder names globally)."""
     import tensorflow_datasets as tfds

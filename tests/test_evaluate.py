@@ -1,11 +1,11 @@
 """Evaluation: a model overfit on a few documents recites them, an untrained one does not; losses,
 membership inference and RougeL agree with independent references."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from gf_jax import data, evaluate, metrics

@@ -12,13 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gf_jax
-from gf_jax import GoldfishConfig, chunked_loss_fn, goldfish_mask, loss_fn, summarize
-from gf_jax import goldfish
+from gf_jax import GoldfishConfig, chunked_loss_fn, goldfish, goldfish_mask, loss_fn, summarize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

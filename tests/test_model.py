@@ -139,7 +139,7 @@ def test_segments_are_isolated():
 def test_param_count_and_logical_names():
     for tie in (False, True):
         cfg = ModelConfig(**TINY, tie_embeddings=tie)
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0)))
         params = nnx.state(abstract, nnx.Param)
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
         assert sum(int(np.prod(v.shape)) for v in leaves) == param_count(cfg)
@@ -155,9 +155,9 @@ def test_param_count_and_logical_names():
 
 def test_flops_per_token_formula():
     cfg = ModelConfig(**TINY)
-    d, v, l = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    matmul_params = param_count(cfg) - v * d - (2 * l + 1) * d  # minus embedding lookup and norms
-    assert flops_per_token(cfg, 16) == 6 * matmul_params + 12 * l * cfg.n_heads * cfg.resolved_head_dim * 16
+    d, v, n_layers = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    matmul_params = param_count(cfg) - v * d - (2 * n_layers + 1) * d  # minus embedding lookup and norms
+    assert flops_per_token(cfg, 16) == 6 * matmul_params + 12 * n_layers * cfg.n_heads * cfg.resolved_head_dim * 16
 
 
 def test_remat_keeps_loss_and_grads():

@@ -22,7 +22,6 @@ from gf_jax.distributed import DistributedConfig, plan
 from gf_jax.tokenizer import corpus_tokenizer
 from gf_jax.train import Trainer
 
-
 # ---------------------------------------------------------------------------------------------
 # The decision: explicit settings, environment variables, detected clusters, single process.
 

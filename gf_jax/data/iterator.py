@@ -11,7 +11,8 @@ import hashlib
 import queue
 import threading
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,7 @@ class BatchIterator:
         return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids, self.context)
 
     # -- iteration, prefetch and state --------------------------------------------------------
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Batch:

@@ -10,7 +10,7 @@ Shapes: B rows, T tokens per row, C row-context width.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,7 +33,8 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
     """Raises if the tokenizer emits ids the model's embedding does not have."""
     if tokenizer.vocab_size > model_vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                         f"{model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer.")
+                         f"{model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size} or use a smaller "
+                         "tokenizer.")
 
 
 def check_documents_long_enough(tokens: Sequence[np.ndarray], min_len: int, ids: Sequence[str] | None = None,

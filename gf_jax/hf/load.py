@@ -59,7 +59,9 @@ def load_params(hf_dir: str, abstract_state, shardings, config: ModelConfig):
         sharding = flat_shardings[path]
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
         array = jax.make_array_from_callback(
-            shape, sharding, lambda index: weights.read_block(view, layout, shape, index).astype(dtype, copy=False)
+            shape, sharding,
+            lambda index, view=view, layout=layout, shape=shape, dtype=dtype: weights.read_block(
+                view, layout, shape, index).astype(dtype, copy=False),
         )
         array.block_until_ready()  # the pages may be dropped only once the shards hold copies
         del view
