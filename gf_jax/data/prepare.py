@@ -176,9 +176,7 @@ def _encoded(config: DataConfig, tokenizer, workers: int, dtype: np.dtype) -> It
         for texts, ids, at in _batches(config):
             yield _encode(texts, ids), ids, at
         return
-    # spawn, not fork: the caller may be a trainer with JAX's threads running.
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
                                                 initargs=args) as pool:
         window: collections.deque = collections.deque()
         for texts, ids, at in _batches(config):
@@ -189,6 +187,16 @@ def _encoded(config: DataConfig, tokenizer, workers: int, dtype: np.dtype) -> It
         while window:
             future, ids_, at_ = window.popleft()
             yield future.result(), ids_, at_
+
+
+def _pool_context():
+    """fork while JAX has no backend threads (workers start at once, nothing re-imported); spawn
+    once it has, because forking a multithreaded process can deadlock (e.g. inside a trainer)."""
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    jax_threads = bridge is not None and getattr(bridge, "_at_fork_handler_installed", True)
+    if sys.platform != "linux" or jax_threads:
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
 
 
 class _Writer:
