@@ -155,10 +155,8 @@ class Trainer:
         # carries every process's fingerprint and each one resumes checking its own.
         self.data_fingerprints = distributed.allgather_str(str(self.train_iter.get_state().get("fingerprint", "")))
         self.val_tokens = None
-        if t.eval_every > 0:  # tokenized once; every evaluation passes over the same documents
-            self.val_tokens = data_lib.tokenize_documents(
-                data_lib.load_documents(c.data, "validation"), self.tokenizer, c.data.add_bos, c.data.add_eos,
-            )
+        if t.eval_every > 0:  # tokenized (or mapped from the store) once; every evaluation reuses them
+            self.val_tokens = data_lib.validation_tokens(c.data, self.tokenizer)
 
     def _setup_state(self) -> None:
         """Fresh, restored from the latest checkpoint, or fresh with ``train.init_from``'s parameters."""
