@@ -81,7 +81,7 @@ def test_round_trip_documents_ids_order_and_shards(tok, tmp_path, monkeypatch):
     assert len(store.manifest["shards"]) > 2 and store.dtype == np.uint16
     assert store.num_documents == len(expected) == store.manifest["documents"]
     want_tokens = data.tokenize_documents([data.Document(i, t) for i, t in expected], tok)
-    for d, (doc_id, text) in enumerate(expected):
+    for d, (doc_id, _) in enumerate(expected):
         assert store.doc_id(d) == doc_id
         np.testing.assert_array_equal(store.tokens(d), want_tokens[d])
     view = stored.split_tokens(config, tok, store, "train")

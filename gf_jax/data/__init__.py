@@ -51,7 +51,8 @@ from gf_jax.data.tokens import check_documents_long_enough, check_vocab_fits, to
 __all__ = [
     "CANARY_PREFIX", "MODES", "SOURCES", "SPLIT_RULES", "STORES",
     "DataConfig", "Document", "DocumentStream", "TfdsDocuments", "BatchIterator",
-    "read_text_documents", "read_jsonl_documents", "read_parquet_documents", "read_background", "iter_background", "split_blank_lines", "split_wikitext",
+    "read_text_documents", "read_jsonl_documents", "read_parquet_documents", "read_background", "iter_background",
+    "split_blank_lines", "split_wikitext",
     "load_canaries", "canary_plan", "document_stream",
     "split_of", "process_share", "load_documents", "train_texts",
     "tokenize_documents", "check_vocab_fits", "check_documents_long_enough",

@@ -20,15 +20,15 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from gf_jax import rundir
 from gf_jax.data.config import DataConfig
 from gf_jax.data.sources import duplicate_id_error, iter_background, source_size
-from gf_jax.data.store import (MANIFEST, TokenStore, check_settings, read_manifest, store_path,
-                               store_settings)
+from gf_jax.data.store import MANIFEST, TokenStore, check_settings, read_manifest, store_path, store_settings
 
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: few files, each well under object-store limits
 BATCH_CHARS = 1 << 20  # text per worker task: large enough to amortise pickling, small for a steady ETA
@@ -67,7 +67,8 @@ def prepare_store(config: DataConfig, tokenizer, *, path: str | None = None, wor
         check_settings(path, manifest, settings)
         return path
     workers = workers or default_workers(config)
-    local_parent = os.path.dirname(os.path.abspath(path)) if not rundir.is_url(path) else os.path.join(".cache", "stores")
+    remote = rundir.is_url(path)  # built in a local folder first, then uploaded
+    local_parent = os.path.join(".cache", "stores") if remote else os.path.dirname(os.path.abspath(path))
     os.makedirs(local_parent, exist_ok=True)
     base = os.path.basename(str(path).rstrip("/"))
     _remove_stale_partials(local_parent, base)
