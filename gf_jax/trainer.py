@@ -165,19 +165,28 @@ class Trainer:
         # carries every process's fingerprint and each one resumes checking its own.
         self.data_fingerprints = distributed.allgather_str(str(self.train_iter.get_state().get("fingerprint", "")))
         self.val_tokens = None
-        if t.eval_every > 0:  # tokenized once; every evaluation passes over the same documents
-            documents = data_lib.load_documents(c.data, "validation")
-            if not documents:  # found now, not after the last training step
-                raise ValueError(
-                    f"data.validation_fraction={c.data.validation_fraction} leaves no validation documents in "
-                    f"{c.data.path if c.data.source != 'tfds' else c.data.tfds_name}; raise it, use more "
-                    "documents, or set train.eval_every=0."
-                )
-            if c.data.format != "text":  # examples: tokens plus the mask of supervised targets
-                self.val_tokens = data_lib.encode_examples(documents, self.tokenizer, c.data, max_len=t.seq_len + 1)
-            else:
-                self.val_tokens = data_lib.tokenize_documents(documents, self.tokenizer, c.data.add_bos,
-                                                              c.data.add_eos)
+        if t.eval_every > 0:  # tokenized (or mapped from the store) once; every evaluation reuses them
+            self.val_tokens = self._validation_tokens()
+
+    def _validation_tokens(self):
+        """The validation documents (or examples) as tokens, checked now, not after the last step."""
+        from gf_jax import data as data_lib
+
+        c, t = self.config, self.config.train
+        if c.data.format != "text":  # examples: tokens plus the mask of supervised targets
+            tokens = data_lib.encode_examples(data_lib.load_documents(c.data, "validation"), self.tokenizer, c.data,
+                                              max_len=t.seq_len + 1)
+            count = len(tokens.tokens)
+        else:
+            tokens = data_lib.validation_tokens(c.data, self.tokenizer)
+            count = len(tokens)
+        if not count:
+            raise ValueError(
+                f"data.validation_fraction={c.data.validation_fraction} leaves no validation documents in "
+                f"{c.data.path if c.data.source != 'tfds' else c.data.tfds_name}; raise it, use more "
+                "documents, or set train.eval_every=0."
+            )
+        return tokens
 
     def _setup_state(self) -> None:
         """Fresh, restored from the latest checkpoint, or fresh with ``train.init_from``'s parameters."""

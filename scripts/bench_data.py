@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_data.py            # configs/tiny.yaml: batch 16 x 128, vocab 1024
     .venv/bin/python scripts/bench_data.py --cores 2 --steps 10 --rounds 5 --config configs/tiny.yaml
+    .venv/bin/python scripts/bench_data.py --scale 10,100,1000   # tokenized store vs in memory (MB)
 
 Measured side by side in one run (same machine, same cores):
   1. tokenization of the whole corpus (one-off, before training), tokens/s;
@@ -28,12 +29,25 @@ def main():
     parser.add_argument("--config", default="configs/tiny.yaml", help="run config (data, model, batch shape)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per round and variant")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--scale", default="", help="only the scale section: corpus sizes in MB, e.g. 10,100,1000 "
+                        "(see scripts/bench_data_scale.py)")
+    parser.add_argument("--scale-dir", default="/tmp/gf_jax_bench_scale", help="where the scale corpora and stores go")
+    parser.add_argument("--skip-memory-above", type=int, default=10**9,
+                        help="scale: MB above which the in-memory pipeline is not run")
     args = parser.parse_args()
 
     if hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))[: args.cores]
         os.sched_setaffinity(0, cores)
         print(f"pinned to cores {cores}")
+
+    if args.scale:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_data_scale
+
+        bench_data_scale.run([int(x) for x in args.scale.split(",")], args.scale_dir, args.config,
+                             args.skip_memory_above)
+        return 0
 
     import jax
     import jax.numpy as jnp

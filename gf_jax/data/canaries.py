@@ -39,20 +39,42 @@ def load_canaries(config: DataConfig) -> tuple[list[Document], list[Document]]:
     return docs[:count], docs[count:]
 
 
+def canary_places(num_background: int, num_canaries: int, repeats: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(places_K, canary_K), K = num_canaries * repeats: the sorted stream indices holding a canary
+    copy and which canary each holds. Memory O(K), not O(stream): the tokenized store locates
+    background documents around these places at any corpus size."""
+    total = num_background + num_canaries * repeats
+    rng = np.random.default_rng([seed, 0xCA7A21])
+    places_K = np.sort(rng.choice(total, size=num_canaries * repeats, replace=False)).astype(np.int64)
+    canary_K = rng.permutation(np.repeat(np.arange(num_canaries), repeats)).astype(np.int64)
+    return places_K, canary_K
+
+
 def canary_plan(num_background: int, num_canaries: int, repeats: int, seed: int) -> np.ndarray:
     """Stream layout: entry ``j >= 0`` is background document j (in order); ``-(c+1)`` is canary c.
 
     Each canary appears ``repeats`` times at uniformly random places (seeded); the background
     keeps its order.
     """
-    total = num_background + num_canaries * repeats
-    rng = np.random.default_rng([seed, 0xCA7A21])
-    plan = np.empty(total, np.int64)
-    is_canary = np.zeros(total, bool)
-    is_canary[rng.choice(total, size=num_canaries * repeats, replace=False)] = True
+    places_K, canary_K = canary_places(num_background, num_canaries, repeats, seed)
+    plan = np.empty(num_background + len(places_K), np.int64)
+    is_canary = np.zeros(len(plan), bool)
+    is_canary[places_K] = True
     plan[~is_canary] = np.arange(num_background)
-    plan[is_canary] = -1 - rng.permutation(np.repeat(np.arange(num_canaries), repeats))
+    plan[places_K] = -1 - canary_K
     return plan
+
+
+def stream_refs(stream_range: range, places_K: np.ndarray, canary_K: np.ndarray) -> np.ndarray:
+    """``canary_plan(...)[stream_range]`` computed from the canary places alone: background document
+    j as j >= 0, canary c as -(c+1). Memory O(len(stream_range) + K)."""
+    index_N = np.arange(stream_range.start, stream_range.stop, dtype=np.int64)
+    before_N = np.searchsorted(places_K, index_N)  # canary copies at smaller stream indices
+    hit_N = before_N < len(places_K)
+    hit_N[hit_N] = places_K[before_N[hit_N]] == index_N[hit_N]
+    refs_N = index_N - before_N
+    refs_N[hit_N] = -1 - canary_K[before_N[hit_N]]
+    return refs_N
 
 
 class DocumentStream(Sequence):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-SOURCES = ("text", "jsonl", "tfds")
+SOURCES = ("text", "jsonl", "parquet", "tfds")
+STORES = ("off", "auto")
 SPLIT_RULES = ("file", "blank_line", "wikitext")
 MODES = ("packed", "document")
 FORMATS = ("text", "prompt_completion", "chat")
@@ -19,12 +20,14 @@ class DataConfig:
     """Where the text comes from and how it becomes batches.
 
     Attributes:
-      source: ``text`` (a file or a folder of ``.txt``), ``jsonl`` (a file or folder of ``.jsonl``)
-        or ``tfds`` (a prepared tensorflow-datasets dataset, read with ``tfds.data_source``).
-      path: file or folder of the text/jsonl source.
+      source: ``text`` (a file or a folder of ``.txt``), ``jsonl`` (a file or folder of ``.jsonl``,
+        ``.jsonl.gz``, and ``.jsonl.zst`` where ``zstandard`` is installed), ``parquet`` (a file or
+        folder of ``.parquet``) or ``tfds`` (a prepared tensorflow-datasets dataset, read with
+        ``tfds.data_source``).
+      path: file or folder of the text/jsonl/parquet source.
       split_rule: text sources: ``file`` (one document per file), ``blank_line`` (documents
         separated by blank lines) or ``wikitext`` (an article per `` = Title = `` heading).
-      text_field, id_field: JSONL keys of the text and (optional) stable document id.
+      text_field, id_field: JSONL keys (Parquet columns) of the text and (optional) stable document id.
       tfds_name, tfds_split, tfds_data_dir, tfds_text_feature: the TFDS dataset (``tfds_split``
         accepts slicing such as ``train[:1%]``; ``tfds_data_dir`` may be a ``gs://`` bucket).
         ``id_field`` names an id feature there too.
@@ -58,6 +61,13 @@ class DataConfig:
         (``chatml``, ``llama2``, ``llama3``) or a ``.jinja`` file.
       train_on_prompt: supervise the prompt (and chat headers) too, not only the answers.
       truncate: cut an example longer than a row (train.seq_len + 1 tokens) instead of failing.
+      store: ``off`` (each start reads and tokenizes this process's share in memory) or ``auto``
+        (a tokenized store, prepared once with ``python -m gf_jax.data prepare`` or on first use,
+        memory-mapped by every process: start-up and memory do not grow with the corpus; the
+        batches are identical). See ``gf_jax.data.store``.
+      store_dir: the store's folder (local or ``gs://``); a store there prepared with other
+        settings is refused. None: ``.cache/stores/<key of the settings>``.
+      store_workers: processes that tokenize while preparing a store (None: every core).
     """
 
     source: str = "text"
@@ -93,12 +103,18 @@ class DataConfig:
     chat_template: str = ""
     train_on_prompt: bool = False
     truncate: bool = False
+    store: str = "off"
+    store_dir: str | None = None
+    store_workers: int | None = None
 
     def __post_init__(self):
         check_choice("data.source", self.source, SOURCES)
         check_choice("data.split_rule", self.split_rule, SPLIT_RULES)
         check_choice("data.canary_split_rule", self.canary_split_rule, SPLIT_RULES)
         check_choice("data.mode", self.mode, MODES)
+        check_choice("data.store", self.store, STORES)
+        if self.store_workers is not None and self.store_workers < 1:
+            raise ValueError(f"data.store_workers={self.store_workers} must be >= 1 or null (every core).")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1).")
         if self.max_documents is not None and self.max_documents < 1:
@@ -110,6 +126,9 @@ class DataConfig:
         if self.canary_repeats > 0 and not self.canary_path:
             raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
         check_choice("data.format", self.format, FORMATS)
+        if self.format != "text" and self.store != "off":
+            raise ValueError(f"data.format={self.format} examples are read in memory; set data.store=off (the "
+                             "tokenized store holds plain documents).")
         if self.format != "text" and (self.source != "jsonl" or self.canary_repeats):
             raise ValueError(f"data.format={self.format} reads examples from JSONL without canaries; set "
                              "data.source=jsonl and data.canary_repeats=0.")

@@ -9,7 +9,7 @@ import numpy as np
 
 from gf_jax.batch import Batch
 from gf_jax.data.config import MODES, check_choice
-from gf_jax.data.iterator import default_process
+from gf_jax.data.iterator import default_process, token_arrays
 from gf_jax.data.packing import RowLayout, assemble_rows
 
 
@@ -27,10 +27,9 @@ def eval_batches(tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: in
     pi, pc = default_process(process_index, process_count)
     if global_batch % pc:
         raise ValueError(f"global batch {global_batch} is not divisible by the {pc} processes.")
-    tokens = [np.asarray(t, np.int32) for t in tokens]
-    if not tokens:
+    tokens, lengths = token_arrays(tokens)
+    if not len(tokens):
         raise ValueError("there are no documents to evaluate; set data.validation_fraction > 0 or check the data.")
-    lengths = np.array([len(t) for t in tokens], np.int64)
     layout = RowLayout(lengths, np.arange(len(tokens)), seq_len, mode)
     local = global_batch // pc
     for b in range(math.ceil(layout.num_rows / global_batch)):

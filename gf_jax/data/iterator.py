@@ -32,12 +32,22 @@ def default_process(process_index: int | None, process_count: int | None) -> tup
     return int(process_index), int(process_count)
 
 
+def token_arrays(tokens) -> tuple[Sequence[np.ndarray], np.ndarray]:
+    """(token arrays, lengths_N): a store's memory-mapped view is kept as it is (rows read only the
+    documents they hold); anything else becomes a list of int32 arrays."""
+    if hasattr(tokens, "lengths"):
+        return tokens, np.asarray(tokens.lengths, np.int64)
+    arrays = [np.asarray(t, np.int32) for t in tokens]
+    return arrays, np.array([len(t) for t in arrays], np.int64)
+
+
 class BatchIterator:
     """Infinite, deterministic, resumable batches (``Batch`` of numpy arrays) of one process.
 
     Args:
       tokens: this process's documents as token arrays (``make_train_iterator`` gives each
-        process its share of the stream; see ``process_share``).
+        process its share of the stream; see ``process_share``), or a tokenized store's view of
+        them (``gf_jax.data.store.StoreTokens``: not copied).
       global_batch: rows per step over all processes; this process yields
         ``global_batch // process_count`` of them.
       seq_len: T (rows hold T+1 tokens).
@@ -68,9 +78,9 @@ class BatchIterator:
             raise ValueError(f"seq_len={seq_len} must be >= 1.")
         if documents is not None and len(documents) != len(tokens):
             raise ValueError(f"got {len(documents)} documents for {len(tokens)} token arrays; pass one per array.")
-        self.tokens = [np.asarray(t, np.int32) for t in tokens]
-        self.documents = list(documents) if documents is not None else None
-        self.lengths = np.array([len(t) for t in self.tokens], np.int64)
+        self.tokens, self.lengths = token_arrays(tokens)
+        # A store's documents are made on access (a list would read the whole share).
+        self.documents = documents if documents is None or hasattr(tokens, "lengths") else list(documents)
         if not len(self.tokens) or self.lengths.sum() < 2 or (mode == "document" and self.lengths.max() < 2):
             raise ValueError(f"process {self.process_index} has no document with at least 2 tokens to train on; "
                              "use more (or longer) documents or fewer processes.")

@@ -7,7 +7,7 @@ from gf_jax.data.canaries import document_stream
 from gf_jax.data.config import DataConfig
 from gf_jax.data.iterator import BatchIterator, default_process
 from gf_jax.data.sources import read_in_chunks
-from gf_jax.data.splits import process_share, split_of
+from gf_jax.data.splits import load_documents, process_share, split_of
 from gf_jax.data.tokens import tokenize_documents
 
 
@@ -32,6 +32,9 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
                                      process_index=process_index, process_count=process_count,
                                      prefetch=prefetch, with_doc_ids=with_doc_ids)
     pi, pc = default_process(process_index, process_count)
+    if config.store == "auto":
+        return _store_iterator(config, tokenizer, global_batch=global_batch, seq_len=seq_len, split=split,
+                               process_index=pi, process_count=pc, prefetch=prefetch, with_doc_ids=with_doc_ids)
     stream = document_stream(config)
     share = process_share(len(stream), pi, pc)
     docs = [d for chunk in read_in_chunks(stream, share) for d in chunk
@@ -43,6 +46,34 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
     return BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed, process_index=pi,
                          process_count=pc, mode=config.mode, pad_id=tokenizer.pad_id, shuffle=config.shuffle,
                          prefetch=prefetch, with_doc_ids=with_doc_ids, context=config.row_context, documents=docs)
+
+
+def _store_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len: int, split: str,
+                    process_index: int, process_count: int, prefetch: int, with_doc_ids: bool) -> BatchIterator:
+    """``make_train_iterator`` on the tokenized store: the same documents in the same order (so the
+    same batches), memory-mapped instead of read and tokenized."""
+    from gf_jax.data import prepare, stored
+
+    store = prepare.ensure_store(config, tokenizer)
+    tokens = stored.process_tokens(config, tokenizer, store, split, process_index, process_count)
+    if not len(tokens):
+        raise ValueError(f"process {process_index} of {process_count} got no {split} documents out of "
+                         f"{stored.stream_length(config, store)}; use more documents, fewer processes or a larger "
+                         "data.validation_fraction.")
+    return BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed,
+                         process_index=process_index, process_count=process_count, mode=config.mode,
+                         pad_id=tokenizer.pad_id, shuffle=config.shuffle, prefetch=prefetch,
+                         with_doc_ids=with_doc_ids, context=config.row_context, documents=tokens.documents)
+
+
+def validation_tokens(config: DataConfig, tokenizer):
+    """Token arrays of every validation document, in order (what ``eval_batches`` takes): read and
+    tokenized, or memory-mapped from the tokenized store with ``data.store=auto``."""
+    if config.store == "auto":
+        from gf_jax.data import prepare, stored
+
+        return stored.split_tokens(config, tokenizer, prepare.ensure_store(config, tokenizer), "validation")
+    return tokenize_documents(load_documents(config, "validation"), tokenizer, config.add_bos, config.add_eos)
 
 
 def to_global_batch(local_batch: Batch, sharding) -> Batch:

@@ -1,12 +1,16 @@
-"""Readers of the three sources (text, JSONL, TFDS) into ``Document``s with stable ids.
+"""Readers of the sources (text, JSONL, Parquet, TFDS) into ``Document``s with stable ids.
 
-A document id is the same in every run on the same data (``relpath#k``, ``relpath:line``, an
-id field, or ``name/split#index``): splits, canary records and evaluation all key on it.
+A document id is the same in every run on the same data (``relpath#k``, ``relpath:line``,
+``relpath#row``, an id field, or ``name/split#index``): splits, canary records and evaluation all
+key on it. ``iter_background`` streams the same documents as ``read_background`` (constant
+memory), with the source bytes consumed so far, for the tokenized store's one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import io
 import json
 import os
 import re
@@ -59,54 +63,96 @@ def _split(text: str, rule: str) -> list[str]:
     return split_wikitext(text)
 
 
-def _files(path: str, suffix: str, what: str) -> tuple[list[str], str]:
+def _files(path: str, suffix: str | tuple[str, ...], what: str) -> tuple[list[str], str]:
     """Files of a source path (a file, or a folder searched recursively), and the id root."""
     if os.path.isfile(path):
         return [path], os.path.dirname(path)
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
         if not files:
-            raise ValueError(f"the folder {path!r} has no {suffix} files; point data.path at a {what} file or folder.")
+            names = "/".join(suffix) if isinstance(suffix, tuple) else suffix
+            raise ValueError(f"the folder {path!r} has no {names} files; point data.path at a {what} file or folder.")
         return files, path
     raise FileNotFoundError(f"data path {path!r} does not exist; set data.path to a {what} file or folder.")
 
 
-def read_text_documents(path: str, split_rule: str, what: str = "data.path") -> list[Document]:
-    """Documents of a text file or folder of ``.txt`` files, ids ``relpath`` or ``relpath#k``
-    (a file that is not text is refused, naming ``what``: the setting that points at it)."""
+def iter_text_documents(path: str, split_rule: str, what: str = "data.path") -> Iterator[tuple[Document, int]]:
+    """(document, source bytes read so far) of a text file or folder of ``.txt`` files, ids
+    ``relpath`` or ``relpath#k``, one file in memory at a time."""
     files, root = _files(path, ".txt", "text")
-    docs = []
+    done = 0
     for f in files:
-        check_text_file(f, what=what)
+        check_text_file(f, what=what)  # a binary file is refused, naming the setting (``what``)
         rel = os.path.relpath(f, root) if root else os.path.basename(f)
         with open(f, encoding="utf-8-sig", errors="replace") as fh:
             parts = _split(fh.read(), split_rule)
+        done += os.path.getsize(f)
         for k, text in enumerate(parts):
-            docs.append(Document(rel if split_rule == "file" else f"{rel}#{k}", text))
-    return docs
+            yield Document(rel if split_rule == "file" else f"{rel}#{k}", text), done
+
+
+def read_text_documents(path: str, split_rule: str, what: str = "data.path") -> list[Document]:
+    """Documents of a text file or folder of ``.txt`` files, ids ``relpath`` or ``relpath#k``."""
+    return [d for d, _ in iter_text_documents(path, split_rule, what)]
 
 
 # ----------------------------------------------------------------------------------------------
-# JSONL.
+# JSONL (plain, gzip, zstandard).
 
 
-def read_jsonl_documents(path: str, text_field: str, id_field: str | None,
-                         what: str = "data.path") -> list[Document]:
-    """Documents of a JSONL file or folder; ids from ``id_field`` or ``relpath:line``."""
-    files, root = _files(path, ".jsonl", "JSONL")
-    docs = []
+def _has_zstandard() -> bool:
+    try:
+        import zstandard  # noqa: F401  (optional: read .jsonl.zst only where it is installed)
+    except ImportError:
+        return False
+    return True
+
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
+def _open_jsonl(f: str):
+    """(text lines, raw binary file): the raw file's ``tell()`` is the compressed bytes consumed."""
+    raw = open(f, "rb")
+    if f.endswith(".gz"):
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8"), raw
+    if f.endswith(".zst"):
+        if not _has_zstandard():
+            raw.close()
+            raise ValueError(f"{f!r} is zstandard-compressed but the zstandard package is not installed; "
+                             "install it or decompress the file (gzip works without extra packages).")
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8"), raw
+    return io.TextIOWrapper(raw, encoding="utf-8"), raw
+
+
+def iter_jsonl_documents(path: str, text_field: str, id_field: str | None,
+                         what: str = "data.path") -> Iterator[tuple[Document, int]]:
+    """(document, source bytes read so far) of a JSONL file or folder (``.jsonl``, ``.jsonl.gz``,
+    ``.jsonl.zst``); ids from ``id_field`` or ``relpath:line``."""
+    files, root = _files(path, JSONL_SUFFIXES, "JSONL")
+    done = 0
     for f in files:
-        check_text_file(f, what=what)
+        if f.endswith(".jsonl"):  # compressed files are checked line by line as JSON instead
+            check_text_file(f, what=what)
         rel = os.path.relpath(f, root) if root else os.path.basename(f)
-        with open(f, encoding="utf-8") as fh:
+        fh, raw = _open_jsonl(f)
+        with raw, fh:  # a GzipFile does not close the file it was given
             for line_no, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 record = _jsonl_record(line, f"{f}:{line_no}", text_field, id_field)
                 doc_id = str(record[id_field]) if id_field is not None else f"{rel}:{line_no}"
                 if record[text_field].strip():
-                    docs.append(Document(doc_id, record[text_field]))
-    return docs
+                    yield Document(doc_id, record[text_field]), done + raw.tell()
+        done += os.path.getsize(f)
+
+
+def read_jsonl_documents(path: str, text_field: str, id_field: str | None,
+                         what: str = "data.path") -> list[Document]:
+    """Documents of a JSONL file or folder; ids from ``id_field`` or ``relpath:line``."""
+    return [d for d, _ in iter_jsonl_documents(path, text_field, id_field, what)]
 
 
 def _jsonl_record(line: str, where: str, text_field: str, id_field: str | None) -> dict:
@@ -127,6 +173,43 @@ def _jsonl_record(line: str, where: str, text_field: str, id_field: str | None) 
     if id_field is not None and id_field not in record:
         raise ValueError(f"{where}: no id field {id_field!r}; set data.id_field to an existing key or to null.")
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet (FineWeb, RedPajama samples, most hub corpora).
+
+
+def iter_parquet_documents(path: str, text_field: str, id_field: str | None,
+                           batch_rows: int = 4096) -> Iterator[tuple[Document, int]]:
+    """(document, source bytes read so far, by row share) of a Parquet file or folder, reading a
+    batch of rows at a time; ids from ``id_field`` or ``relpath#row``. Empty texts are skipped."""
+    import pyarrow.parquet as pq
+
+    files, root = _files(path, ".parquet", "Parquet")
+    done = 0
+    for f in files:
+        rel = os.path.relpath(f, root) if root else os.path.basename(f)
+        pf, size = pq.ParquetFile(f), os.path.getsize(f)
+        names = pf.schema_arrow.names
+        for field, key in ((text_field, "data.text_field"), (id_field, "data.id_field")):
+            if field is not None and field not in names:
+                raise ValueError(f"{f!r} has no column {field!r} (it has {names}); set {key} to one of those.")
+        columns = [text_field] + ([id_field] if id_field is not None else [])
+        row, rows = 0, max(1, pf.metadata.num_rows)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            texts = batch.column(text_field).to_pylist()
+            ids = batch.column(id_field).to_pylist() if id_field is not None else None
+            at = done + size * min(row + len(texts), rows) // rows
+            for k, text in enumerate(texts):
+                if isinstance(text, str) and text.strip():
+                    yield Document(str(ids[k]) if ids is not None else f"{rel}#{row + k}", text), at
+            row += len(texts)
+        done += size
+
+
+def read_parquet_documents(path: str, text_field: str, id_field: str | None) -> list[Document]:
+    """Documents of a Parquet file or folder; ids from ``id_field`` or ``relpath#row``."""
+    return [d for d, _ in iter_parquet_documents(path, text_field, id_field)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,20 +286,61 @@ def read_background(config: DataConfig) -> Sequence[Document]:
         from gf_jax.data.examples import read_examples
 
         docs = read_examples(config)
-    elif config.source == "jsonl":
-        docs = read_jsonl_documents(config.path, config.text_field, config.id_field)
+        docs = docs[: config.max_documents] if config.max_documents else docs
     else:
-        docs = read_text_documents(config.path, config.split_rule)
-    docs = docs[: config.max_documents] if config.max_documents else docs
+        docs = [d for d, _ in iter_background(config)]
     if not docs:
         raise ValueError(f"no documents found in {config.path!r} (source {config.source}, split rule "
                          f"{config.split_rule}); check data.path and data.split_rule.")
     ids = [d.id for d in docs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"document id {dup!r} occurs more than once in {config.path!r}; give data.id_field "
-                         "unique values or set it to null.")
+        raise duplicate_id_error(dup, config)
     return docs
+
+
+def duplicate_id_error(doc_id: str, config: DataConfig) -> ValueError:
+    return ValueError(f"document id {doc_id!r} occurs more than once in {config.path!r}; give data.id_field "
+                      "unique values or set it to null.")
+
+
+def iter_background(config: DataConfig) -> Iterator[tuple[Document, int]]:
+    """(document, progress) in ``read_background``'s order, streamed (at most ``max_documents``).
+
+    Progress is source bytes consumed (file sources) or documents read (TFDS); see
+    ``source_size``. No emptiness or duplicate checks: the caller makes them as it goes.
+    """
+    if config.source == "tfds":
+        docs = read_background(config)
+        stream = ((d, i + 1) for i, d in enumerate(d for chunk in read_in_chunks(docs, range(len(docs)))
+                                                     for d in chunk))
+    elif config.source == "jsonl":
+        stream = iter_jsonl_documents(config.path, config.text_field, config.id_field)
+    elif config.source == "parquet":
+        stream = iter_parquet_documents(config.path, config.text_field, config.id_field)
+    else:
+        stream = iter_text_documents(config.path, config.split_rule)
+    for n, item in enumerate(stream):
+        if config.max_documents is not None and n >= config.max_documents:
+            return
+        yield item
+
+
+def source_files(config: DataConfig) -> list[tuple[str, int]]:
+    """(path relative to ``data.path``, size in bytes) of every file of a file source, in read order
+    ([] for TFDS): what a tokenized store records to notice a changed corpus."""
+    if config.source == "tfds":
+        return []
+    suffix = {"jsonl": JSONL_SUFFIXES, "parquet": ".parquet"}.get(config.source, ".txt")
+    files, root = _files(config.path, suffix, config.source)
+    return [(os.path.relpath(f, root) if root else os.path.basename(f), os.path.getsize(f)) for f in files]
+
+
+def source_size(config: DataConfig) -> int:
+    """The total ``iter_background`` progress counts to: bytes of the files, or TFDS documents."""
+    if config.source == "tfds":
+        return len(read_background(config))
+    return sum(size for _, size in source_files(config))
 
 
 def read_in_chunks(docs: Sequence[Document], indices: Sequence[int], size: int = 4096) -> Iterator[list[Document]]:

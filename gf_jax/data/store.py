@@ -1,0 +1,261 @@
+"""The tokenized store: a corpus tokenized once, memory-mapped by every process.
+
+Layout of a store folder (all arrays raw little-endian, dtypes in the manifest)::
+
+    tokens-00000.bin ...   shards of one flat token array (uint16 when the vocabulary fits, else
+                           uint32); a document never straddles two shards
+    offsets.bin            int64, N+1: document d is global tokens [offsets[d], offsets[d+1])
+    split_hashes.bin       uint64, N: the first 8 bytes of sha256(id), so the train/validation split
+                           (``split_of``) is a vectorised compare instead of N hashes per start
+    id_offsets.bin, ids.bin  int64 N+1 and utf-8 bytes: the document ids
+    manifest.json          written last: settings (tokenizer fingerprint, source, BOS/EOS), counts,
+                           shards. A folder without it is an unfinished prepare, never a store.
+
+A reader touches only the pages of the documents it reads, so start-up and memory do not grow
+with the corpus (index arrays are 8-24 bytes per document of this process's share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gf_jax import rundir
+from gf_jax.data.config import DataConfig
+from gf_jax.data.sources import Document, source_files
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+INDEX_FILES = ("offsets.bin", "split_hashes.bin", "id_offsets.bin", "ids.bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: what a store must agree on with the config and tokenizer that read it.
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer file's bytes (any tokenizer class with a ``path``)."""
+    path = getattr(tokenizer, "path", None)
+    if not path:
+        raise ValueError("the tokenized store needs a tokenizer loaded from a file (its bytes are the store's "
+                         "key); set data.tokenizer to that file or set data.store=off.")
+    return hashlib.sha256(rundir.read_bytes(path)).hexdigest()[:20]
+
+
+def source_settings(config: DataConfig) -> dict[str, Any]:
+    """The fields that decide which documents (ids, texts, order) a source yields."""
+    fields = {"text": ("path", "split_rule"), "jsonl": ("path", "text_field", "id_field"),
+              "parquet": ("path", "text_field", "id_field"),
+              "tfds": ("tfds_name", "tfds_split", "tfds_data_dir", "tfds_text_feature", "id_field")}[config.source]
+    out = {"source": config.source, **{f: getattr(config, f) for f in fields}, "max_documents": config.max_documents}
+    if "path" in out:
+        out["path"] = rundir.absolute(out["path"])
+    out["files"] = [list(f) for f in source_files(config)]  # a changed corpus changes the store
+    return out
+
+
+def store_settings(config: DataConfig, tokenizer) -> dict[str, Any]:
+    """Everything a store's tokens depend on; two configs with equal settings share a store."""
+    return {
+        "format": FORMAT,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": int(tokenizer.vocab_size),
+                      "bos_id": int(tokenizer.bos_id), "eos_id": int(tokenizer.eos_id)},
+        "add_bos": bool(config.add_bos),
+        "add_eos": bool(config.add_eos),
+        "source": source_settings(config),
+    }
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def store_path(config: DataConfig, settings: dict[str, Any]) -> str:
+    """``data.store_dir``, else ``.cache/stores/<source>-<key of the settings>``."""
+    if config.store_dir:
+        return config.store_dir
+    name = os.path.basename(str(config.path).rstrip("/")) if config.source != "tfds" else config.tfds_name
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
+    return os.path.join(".cache", "stores", f"{config.source}-{name}-{settings_key(settings)}")
+
+
+def settings_difference(found: dict, wanted: dict, prefix: str = "") -> str | None:
+    """The first setting that differs, as ``name (store: x, config: y)``; None when equal."""
+    for key in sorted(set(found) | set(wanted)):
+        a, b = found.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = settings_difference(a, b, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif a != b:
+            if key == "files":
+                return f"{prefix}files (the source files or their sizes changed: {len(a or [])} files in the store, " \
+                       f"{len(b or [])} now)"
+            return f"{prefix}{key} (store: {_short(a)}, now: {_short(b)})"
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_settings(path: str, manifest: dict, wanted: dict) -> None:
+    """Refuses a store prepared with other settings, in one sentence naming the first difference."""
+    diff = settings_difference(manifest.get("settings", {}), wanted)
+    if diff:
+        raise ValueError(f"the tokenized store {path} was prepared with other settings ({diff}); set "
+                         "data.store_dir to a new folder (or delete that one) to prepare a matching store.")
+
+
+def read_manifest(path: str) -> dict | None:
+    """The manifest of a complete store at ``path``; None if there is none (or it is unfinished)."""
+    manifest = rundir.join(path, MANIFEST)
+    return json.loads(rundir.read_text(manifest)) if rundir.exists(manifest) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+def _copy_stream(src: str, dst: str) -> None:
+    """Copies a (remote) file to a local path in 16 MiB pieces, atomically."""
+    from etils import epath
+
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    with epath.Path(src).open("rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
+    os.replace(tmp, dst)
+
+
+class TokenStore:
+    """A complete store, memory-mapped. ``gs://`` stores are copied to a local cache file by file,
+    on first use, so a process fetches only the shards that hold its share.
+
+    ``tokens(d)`` is document d's tokens (a read-only view of the shard, no copy).
+    """
+
+    def __init__(self, path: str, manifest: dict | None = None, cache_dir: str | None = None):
+        self.path = path
+        self.manifest = manifest or read_manifest(path)
+        if self.manifest is None:
+            raise FileNotFoundError(f"{path} is not a complete tokenized store (no {MANIFEST}); run "
+                                    "`python -m gf_jax.data prepare --config C` or set data.store=auto.")
+        self.local = path if not rundir.is_url(path) else os.path.join(
+            cache_dir or os.path.join(".cache", "stores", "remote"), hashlib.sha256(path.encode()).hexdigest()[:16])
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.num_documents = int(self.manifest["documents"])
+        self.offsets = self._map("offsets.bin", np.int64)
+        self.split_hashes = self._map("split_hashes.bin", np.uint64)
+        self.id_offsets = self._map("id_offsets.bin", np.int64)
+        self.ids = self._map("ids.bin", np.uint8)
+        shards = self.manifest["shards"]
+        self.shard_first_token = np.array([s["first_token"] for s in shards] + [int(self.offsets[-1])], np.int64)
+        self._shards: dict[int, np.ndarray] = {}
+
+    def _file(self, name: str) -> str:
+        if self.local == self.path:
+            return os.path.join(self.path, name)
+        os.makedirs(self.local, exist_ok=True)
+        local = os.path.join(self.local, name)
+        if not os.path.exists(local):
+            _copy_stream(rundir.join(self.path, name), local)
+        return local
+
+    def _map(self, name: str, dtype) -> np.ndarray:
+        path = self._file(name)
+        if os.path.getsize(path) == 0:  # np.memmap refuses empty files
+            return np.zeros(0, dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def shard(self, k: int) -> np.ndarray:
+        if k not in self._shards:
+            self._shards[k] = self._map(self.manifest["shards"][k]["file"], self.dtype)
+        return self._shards[k]
+
+    def tokens(self, d: int) -> np.ndarray:
+        a, b = int(self.offsets[d]), int(self.offsets[d + 1])
+        k = int(np.searchsorted(self.shard_first_token, a, "right")) - 1
+        first = int(self.shard_first_token[k])
+        return self.shard(k)[a - first:b - first]
+
+    def lengths(self, docs_N: np.ndarray) -> np.ndarray:
+        """Token counts of documents ``docs_N`` (int64)."""
+        docs_N = np.asarray(docs_N, np.int64)
+        return (self.offsets[docs_N + 1] - self.offsets[docs_N]).astype(np.int64)
+
+    def doc_id(self, d: int) -> str:
+        return bytes(self.ids[int(self.id_offsets[d]):int(self.id_offsets[d + 1])]).decode("utf-8")
+
+    def is_validation(self, docs_N: np.ndarray, validation_fraction: float) -> np.ndarray:
+        """``split_of(id) == "validation"`` for documents ``docs_N``, from the stored id hashes."""
+        if validation_fraction <= 0:
+            return np.zeros(len(docs_N), bool)
+        # Same arithmetic as split_of: the 64-bit integer rounded to float64, over 2**64.
+        return self.split_hashes[np.asarray(docs_N, np.int64)].astype(np.float64) / 2.0**64 < validation_fraction
+
+
+# ----------------------------------------------------------------------------------------------
+# A process's documents: store documents and in-memory canaries, by reference.
+
+
+@dataclasses.dataclass
+class StoreTokens(Sequence):
+    """Token arrays of a list of references: ``refs_N[i] >= 0`` is store document j, ``-(c+1)`` is
+    ``canaries[c]``. What ``BatchIterator`` and ``eval_batches`` read rows from: a row copies only
+    the tokens it holds, and canary copies are indices, not copies of the corpus.
+
+    Attributes: ``lengths`` (int64 per entry), ``documents`` (lazy ``Document``s, texts decoded
+    from the tokens with ``tokenizer`` when given).
+    """
+
+    store: TokenStore
+    refs_N: np.ndarray
+    canary_tokens: Sequence[np.ndarray] = ()
+    canary_documents: Sequence[Document] = ()
+    tokenizer: Any = None
+
+    def __post_init__(self):
+        self.refs_N = np.asarray(self.refs_N, np.int64)
+        is_store = self.refs_N >= 0
+        self.lengths = np.zeros(len(self.refs_N), np.int64)
+        self.lengths[is_store] = self.store.lengths(self.refs_N[is_store])
+        canary_len = np.array([len(t) for t in self.canary_tokens] or [0], np.int64)
+        self.lengths[~is_store] = canary_len[-1 - self.refs_N[~is_store]]
+        self.documents = StoreDocuments(self)
+
+    def __len__(self) -> int:
+        return len(self.refs_N)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        ref = int(self.refs_N[i])
+        return self.store.tokens(ref) if ref >= 0 else self.canary_tokens[-1 - ref]
+
+
+class StoreDocuments(Sequence):
+    """``Document``s of a ``StoreTokens``, made on access: the id from the store and the text decoded
+    from the tokens (BOS/EOS dropped). Canaries are the original documents."""
+
+    def __init__(self, tokens: StoreTokens):
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __getitem__(self, i: int) -> Document:
+        ref = int(self._tokens.refs_N[i])
+        if ref < 0:
+            return self._tokens.canary_documents[-1 - ref]
+        text = ""
+        tok = self._tokens.tokenizer
+        if tok is not None:
+            ids = [int(t) for t in self._tokens.store.tokens(ref) if t not in (tok.bos_id, tok.eos_id)]
+            text = tok.decode([ids])[0]
+        return Document(self._tokens.store.doc_id(ref), text)

@@ -1,0 +1,67 @@
+"""A process's documents out of the tokenized store: the same stream, shares and splits as the
+in-memory pipeline, computed from the store's index arrays instead of the documents.
+
+The stream is background documents with canary copies at ``canary_places``; a process takes
+``process_share`` of it and keeps the documents of its split (``split_of`` on the stored id
+hashes). Canaries are read and tokenized at start (a small file); background tokens stay on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gf_jax.data.canaries import canary_places, load_canaries, stream_refs
+from gf_jax.data.config import DataConfig
+from gf_jax.data.splits import process_share
+from gf_jax.data.store import StoreTokens, TokenStore
+from gf_jax.data.tokens import tokenize_documents
+
+
+def _canaries(config: DataConfig, tokenizer, store: TokenStore):
+    """(injected canary documents, their tokens, places_K, canary_K) of the stream over ``store``."""
+    injected = load_canaries(config)[0] if config.canary_repeats else []
+    places_K, canary_K = canary_places(store.num_documents, len(injected), config.canary_repeats if injected else 0,
+                                       config.canary_seed)
+    tokens = tokenize_documents(injected, tokenizer, config.add_bos, config.add_eos) if injected else []
+    return injected, tokens, places_K, canary_K
+
+
+def stream_length(config: DataConfig, store: TokenStore) -> int:
+    """Documents in the stream: background plus every canary copy."""
+    copies = len(load_canaries(config)[0]) * config.canary_repeats if config.canary_repeats else 0
+    return store.num_documents + copies
+
+
+def canary_record(config: DataConfig, tokenizer, store: TokenStore) -> dict[str, list[int]]:
+    """Each injected canary id -> its stream indices: ``document_stream(config).canary_record``
+    without reading the background."""
+    injected, _, places_K, canary_K = _canaries(config, tokenizer, store)
+    record: dict[str, list[int]] = {}
+    for place, c in zip(places_K.tolist(), canary_K.tolist()):
+        record.setdefault(injected[c].id, []).append(place)
+    return record
+
+
+def process_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str, process_index: int,
+                   process_count: int) -> StoreTokens:
+    """This process's documents of ``split`` (its contiguous share of the stream), by reference."""
+    injected, canary_tokens, places_K, canary_K = _canaries(config, tokenizer, store)
+    share = process_share(store.num_documents + len(places_K), process_index, process_count)
+    refs_N = stream_refs(share, places_K, canary_K)
+    return StoreTokens(store, _keep_split(refs_N, store, split, config.validation_fraction), canary_tokens, injected,
+                       tokenizer)
+
+
+def split_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str) -> StoreTokens:
+    """Every background document of ``split`` in store order (no canaries): evaluation's list,
+    the same on every process (``eval_batches`` deals the rows out)."""
+    refs_N = _keep_split(np.arange(store.num_documents, dtype=np.int64), store, split, config.validation_fraction)
+    return StoreTokens(store, refs_N, tokenizer=tokenizer)
+
+
+def _keep_split(refs_N: np.ndarray, store: TokenStore, split: str, validation_fraction: float) -> np.ndarray:
+    """The references of ``split``; canaries (negative) are always training documents."""
+    is_store_N = refs_N >= 0
+    validation_N = np.zeros(len(refs_N), bool)
+    validation_N[is_store_N] = store.is_validation(refs_N[is_store_N], validation_fraction)
+    return refs_N[validation_N] if split == "validation" else refs_N[~validation_N]

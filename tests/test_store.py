@@ -1,0 +1,255 @@
+"""The tokenized store: round trip, atomic prepare, settings refused on mismatch, and every
+pipeline guarantee (pure batches, exact resume, per-host shares, splits, canaries) giving the
+very batches of the in-memory pipeline. Parquet and compressed JSONL sources."""
+
+import dataclasses
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gf_jax import data
+from gf_jax.data import prepare, stored
+from gf_jax.data.store import TokenStore, read_manifest, store_path, store_settings
+from gf_jax.tokenizer import cached_tokenizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
+WIKITEXT = os.path.join(ROOT, "data", "wikitext2_valid.txt")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    with open(SHAKESPEARE, encoding="utf-8") as fh:
+        text = fh.read()[:60_000]
+    return cached_tokenizer([text], 330, str(tmp_path_factory.mktemp("tok")), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def config(tok, tmp_path_factory):
+    """300 speeches, 20% validation, 4 canaries x 5 copies, stored in a module folder."""
+    return data.DataConfig(path=SHAKESPEARE, split_rule="blank_line", max_documents=300, tokenizer=tok.path,
+                           validation_fraction=0.2, canary_path=WIKITEXT, canary_count=4, canary_repeats=5,
+                           canary_seed=1, store_dir=str(tmp_path_factory.mktemp("stores") / "shakespeare"),
+                           store_workers=1)
+
+
+def on_store(config, **changes):
+    return dataclasses.replace(config, store="auto", **changes)
+
+
+def assert_same_batch(got, want):
+    for name in want._fields:
+        g, w = getattr(got, name), getattr(want, name)
+        assert (g is None) == (w is None), name
+        if w is not None:
+            np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def write_jsonl_folder(folder, docs_per_file=(40, 25, 35)):
+    """Three JSONL files (one gzipped) of Shakespeare speeches; returns the expected (id, text)s."""
+    speeches = data.split_blank_lines(open(SHAKESPEARE, encoding="utf-8").read())
+    os.makedirs(folder, exist_ok=True)
+    expected, k = [], 0
+    for f, n in enumerate(docs_per_file):
+        name = f"part{f}.jsonl" + (".gz" if f == 1 else "")
+        opener = gzip.open if f == 1 else open
+        with opener(os.path.join(folder, name), "wt", encoding="utf-8") as fh:
+            for line in range(1, n + 1):
+                fh.write(json.dumps({"text": speeches[k], "meta": k}) + "\n")
+                expected.append((f"{name}:{line}", speeches[k]))
+                k += 1
+    return expected
+
+
+# ------------------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_documents_ids_order_and_shards(tok, tmp_path, monkeypatch):
+    expected = write_jsonl_folder(tmp_path / "corpus")
+    config = data.DataConfig(source="jsonl", path=str(tmp_path / "corpus"), tokenizer=tok.path)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 2000)  # many batches, so several shards
+    path = prepare.prepare_store(config, tok, path=str(tmp_path / "store"), workers=1, progress=False,
+                                 shard_tokens=3000)
+    store = TokenStore(path)
+    assert len(store.manifest["shards"]) > 2 and store.dtype == np.uint16
+    assert store.num_documents == len(expected) == store.manifest["documents"]
+    want_tokens = data.tokenize_documents([data.Document(i, t) for i, t in expected], tok)
+    for d, (doc_id, _) in enumerate(expected):
+        assert store.doc_id(d) == doc_id
+        np.testing.assert_array_equal(store.tokens(d), want_tokens[d])
+    view = stored.split_tokens(config, tok, store, "train")
+    assert [view.documents[i].text for i in range(len(view))] == [t for _, t in expected]  # exact decode
+    # Two workers write the same bytes (source order, whatever finishes first).
+    path2 = prepare.prepare_store(config, tok, path=str(tmp_path / "store2"), workers=2, progress=False,
+                                  shard_tokens=3000)
+    for name in sorted(os.listdir(path)):
+        if name != "manifest.json":
+            assert open(os.path.join(path, name), "rb").read() == open(os.path.join(path2, name), "rb").read(), name
+
+
+def test_parquet_and_gzipped_jsonl_sources(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    expected = write_jsonl_folder(tmp_path / "jsonl")
+    got = data.read_jsonl_documents(str(tmp_path / "jsonl"), "text", None)
+    assert [(d.id, d.text) for d in got] == expected
+    texts = [t for _, t in expected]
+    pq.write_table(pa.table({"text": texts[:60], "doc": [f"d{i}" for i in range(60)]}), tmp_path / "a.parquet",
+                   row_group_size=16)
+    pq.write_table(pa.table({"text": texts[60:] + [""], "doc": [f"d{i}" for i in range(60, 101)]}),
+                   tmp_path / "b.parquet")
+    docs = data.read_parquet_documents(str(tmp_path), "text", None)
+    assert [d.text for d in docs] == texts and docs[0].id == "a.parquet#0" and docs[60].id == "b.parquet#0"
+    with_ids = data.read_parquet_documents(str(tmp_path / "a.parquet"), "text", "doc")
+    assert [d.id for d in with_ids] == [f"d{i}" for i in range(60)]
+    with pytest.raises(ValueError, match="no column 'body'.*data.text_field"):
+        data.read_parquet_documents(str(tmp_path), "body", None)
+    # The store from Parquet gives the in-memory pipeline's batches.
+    config = data.DataConfig(source="parquet", path=str(tmp_path), tokenizer=tok.path, id_field="doc",
+                             store_dir=str(tmp_path / "store"), store_workers=1)
+    a = data.make_train_iterator(config, tok, global_batch=4, seq_len=32, process_index=0, process_count=1, prefetch=0)
+    b = data.make_train_iterator(on_store(config), tok, global_batch=4, seq_len=32, process_index=0, process_count=1,
+                                 prefetch=0)
+    for s in range(0, 40, 3):
+        assert_same_batch(b.batch(s), a.batch(s))
+
+
+def test_zstandard_jsonl_is_read_or_explained(tmp_path):
+    path = tmp_path / "c.jsonl.zst"
+    try:
+        import zstandard
+    except ImportError:
+        path.write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(ValueError, match="zstandard package is not installed"):
+            data.read_jsonl_documents(str(path), "text", None)
+        return
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "hello"}\n'))
+    assert [d.text for d in data.read_jsonl_documents(str(path), "text", None)] == ["hello"]
+
+
+# ------------------------------------------------------------------------------------- atomicity
+
+_KILLED_PREPARE = """
+import sys, time
+from gf_jax import data
+from gf_jax.data import prepare
+from gf_jax.tokenizer import Tokenizer
+prepare.BATCH_CHARS = 1000
+add = prepare._Writer.add
+def slow_add(self, *args):
+    add(self, *args)
+    if self.documents > 50:
+        open(sys.argv[3], "w").close()   # tells the test the store is half written
+        time.sleep(60)
+prepare._Writer.add = slow_add
+config = data.DataConfig(path=sys.argv[1], max_documents=300, tokenizer=sys.argv[2])
+prepare.prepare_store(config, Tokenizer.load(sys.argv[2]), path=sys.argv[4], workers=1, progress=False)
+"""
+
+
+def test_a_prepare_killed_midway_is_not_a_store_and_the_next_one_restarts(tok, tmp_path):
+    path, marker = str(tmp_path / "store"), str(tmp_path / "half")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PREPARE, SHAKESPEARE, tok.path, marker, path], env=env)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert os.path.exists(marker), "the prepare subprocess never got half way"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    partials = [n for n in os.listdir(tmp_path) if ".partial-" in n]
+    assert partials and not os.path.exists(path) and read_manifest(path) is None
+    with pytest.raises(FileNotFoundError, match="not a complete tokenized store"):
+        TokenStore(path)
+    config = data.DataConfig(path=SHAKESPEARE, max_documents=300, tokenizer=tok.path, store="auto", store_dir=path,
+                             store_workers=1)
+    store = data.ensure_store(config, tok, progress=False)  # restarts: the dead one's folder is removed
+    assert store.num_documents == 300 and not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_other_settings_are_refused_naming_the_difference(config, tok, tmp_path):
+    data.ensure_store(on_store(config), tok, progress=False)
+    with pytest.raises(ValueError, match=r"prepared with other settings \(add_eos \(store: true, now: false\)\)"):
+        data.ensure_store(on_store(config, add_eos=False), tok, progress=False)
+    other = cached_tokenizer([open(SHAKESPEARE, encoding="utf-8").read()[:60_000]], 340, str(tmp_path), verbose=False)
+    with pytest.raises(ValueError, match=r"\(tokenizer\.fingerprint \(store: .*set data\.store_dir to a new folder"):
+        data.ensure_store(on_store(config), other, progress=False)
+    # Without store_dir the settings pick the folder: no clash, a second store.
+    auto = on_store(config, store_dir=None, add_eos=False)
+    assert "text-tinyshakespeare.txt-" in store_path(auto, store_settings(auto, tok))
+
+
+# ---------------------------------------------------------------- the same batches as in memory
+
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_store_batches_equal_the_in_memory_ones_and_resume_exactly(config, tok, mode):
+    kwargs = dict(global_batch=4, seq_len=32, process_index=1, process_count=2, with_doc_ids=True)
+    memory = data.make_train_iterator(dataclasses.replace(config, mode=mode), tok, prefetch=0, **kwargs)
+    store = data.make_train_iterator(on_store(config, mode=mode), tok, prefetch=0, **kwargs)
+    assert store.fingerprint == memory.fingerprint and store.rows_per_epoch == memory.rows_per_epoch
+    steps = range(0, 3 * memory.rows_per_epoch // 2 + 5, 5)  # across epoch boundaries (reshuffles)
+    for s in steps:
+        assert_same_batch(store.batch(s), memory.batch(s))
+    assert [store.documents[i].id for i in range(len(store.documents))] == [d.id for d in memory.documents]
+    # Resume: a prefetching store iterator restored at step k gives the uninterrupted batches.
+    first = data.make_train_iterator(on_store(config, mode=mode), tok, prefetch=2, **kwargs)
+    for _ in range(7):
+        next(first)
+    state = first.get_state()
+    first.close()
+    resumed = data.make_train_iterator(on_store(config, mode=mode), tok, prefetch=2, **kwargs)
+    resumed.set_state(state)
+    for s in range(7, 12):
+        assert_same_batch(next(resumed), memory.batch(s))
+    resumed.close()
+    reseeded = data.make_train_iterator(on_store(config, mode=mode, seed=3), tok, prefetch=0, **kwargs)
+    assert not np.array_equal(reseeded.batch(0).inputs_BxT, store.batch(0).inputs_BxT)
+
+
+def test_each_process_gets_the_in_memory_share_disjoint_and_complete(config, tok):
+    train_ids = [d.id for d in data.load_documents(config, "train")]
+    shares = []
+    for pi in range(3):
+        kwargs = dict(global_batch=6, seq_len=32, process_index=pi, process_count=3, prefetch=0)
+        it = data.make_train_iterator(on_store(config), tok, **kwargs)
+        ids = [it.documents[i].id for i in range(len(it.documents))]
+        assert ids == [d.id for d in data.make_train_iterator(config, tok, **kwargs).documents]
+        shares.append(ids)
+    background = [i for ids in shares for i in ids if not i.startswith("canary/")]
+    assert len(background) == len(set(background))
+    assert set(background) | {i for ids in shares for i in ids} == set(train_ids)
+
+
+def test_canary_record_and_validation_match_the_in_memory_pipeline(config, tok):
+    store = data.ensure_store(on_store(config), tok, progress=False)
+    assert stored.canary_record(config, tok, store) == data.document_stream(config).canary_record
+    assert stored.stream_length(config, store) == len(data.document_stream(config))
+    memory = data.validation_tokens(config, tok)
+    mapped = data.validation_tokens(on_store(config), tok)
+    assert len(mapped) == len(memory) > 30
+    for a, b in zip(mapped, memory):
+        np.testing.assert_array_equal(a, b)
+    kwargs = dict(global_batch=4, seq_len=32, pad_id=tok.pad_id, context=8, process_index=0, process_count=2)
+    for got, want in zip(data.eval_batches(mapped, **kwargs), data.eval_batches(memory, **kwargs), strict=True):
+        assert_same_batch(got, want)
+
+
+def test_prepare_command_line(tok, tmp_path, capsys):
+    from gf_jax.data.__main__ import main
+
+    out = tmp_path / "store"
+    assert main(["prepare", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--workers", "1",
+                 f"data.path={SHAKESPEARE}", "data.max_documents=50", f"data.tokenizer={tok.path}",
+                 f"data.store_dir={out}"]) == 0
+    assert f"{out}: 50 documents" in capsys.readouterr().out and read_manifest(str(out))["documents"] == 50
