@@ -3,7 +3,7 @@
 This module decides *which* targets are dropped (``GoldfishConfig``, ``goldfish_mask``) and
 derives document positions when a pipeline has none (``positions_from_segment_ids``,
 ``positions_from_bos``); the loss itself lives in ``gf_jax.loss`` (``loss_fn``, ``chunked_loss_fn``,
-``goldfish_sums``, ...; also reachable as ``gf_jax.goldfish.loss_fn`` for older imports). Pure JAX,
+``goldfish_sums``, ...). Pure JAX,
 traceable under ``jit``/``vmap``/``pmap``/``shard_map``, with static shapes. In a training step::
 
     import gf_jax

@@ -114,7 +114,7 @@ def test_packed_examples_are_whole_weighted_on_answers_with_the_same_goldfish_ho
 
 
 def test_prompt_targets_are_neither_kept_nor_dropped(tmp_path, tok):
-    from gf_jax.goldfish import goldfish_sums
+    from gf_jax.loss import goldfish_sums
 
     cfg = config(write_jsonl(tmp_path / "qa.jsonl", qa_records(4)))
     enc = data.encode_examples(data.read_examples(cfg), tok, cfg)
