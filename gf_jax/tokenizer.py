@@ -110,13 +110,9 @@ class Tokenizer:
 
     def encode_arrays(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[np.ndarray]:
         """Like ``encode`` but int32 arrays, optionally framed by BOS/EOS (ids checked to exist)."""
-        if add_bos and self.bos_id < 0:
-            raise ValueError(f"tokenizer {self.path!r} has no BOS piece; set data.add_bos=false.")
-        if add_eos and self.eos_id < 0:
-            raise ValueError(f"tokenizer {self.path!r} has no EOS piece; set data.add_eos=false.")
-        head = [self.bos_id] if add_bos else []
-        tail = [self.eos_id] if add_eos else []
-        return [np.asarray(head + ids + tail, np.int32) for ids in self.encode(texts)]
+        from gf_jax.hf.tokenizer import encode_framed
+
+        return encode_framed(self, texts, add_bos, add_eos)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """(token ids, character offset where each token starts) of one text; BOS/EOS pieces written

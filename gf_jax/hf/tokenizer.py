@@ -69,6 +69,17 @@ def text_list(texts: Sequence[str]) -> list[str]:
     return list(texts)
 
 
+def encode_framed(tokenizer, texts: Sequence[str], add_bos: bool, add_eos: bool) -> list[np.ndarray]:
+    """``tokenizer.encode(texts)`` as int32 arrays framed by BOS/EOS (either tokenizer class)."""
+    if add_bos and tokenizer.bos_id < 0:
+        raise ValueError(f"tokenizer {tokenizer.path!r} names no BOS token; set data.add_bos=false.")
+    if add_eos and tokenizer.eos_id < 0:
+        raise ValueError(f"tokenizer {tokenizer.path!r} names no EOS token; set data.add_eos=false.")
+    head = [tokenizer.bos_id] if add_bos else []
+    tail = [tokenizer.eos_id] if add_eos else []
+    return [np.asarray(head + ids + tail, np.int32) for ids in tokenizer.encode(texts)]
+
+
 class HFTokenizer:
     """A ``tokenizer.json`` with the interface of :class:`gf_jax.tokenizer.Tokenizer`.
 
@@ -95,13 +106,7 @@ class HFTokenizer:
 
     def encode_arrays(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[np.ndarray]:
         """Like ``encode`` but int32 arrays, optionally framed by BOS/EOS (ids checked to exist)."""
-        if add_bos and self.bos_id < 0:
-            raise ValueError(f"tokenizer {self.path!r} names no BOS token; set data.add_bos=false.")
-        if add_eos and self.eos_id < 0:
-            raise ValueError(f"tokenizer {self.path!r} names no EOS token; set data.add_eos=false.")
-        head = [self.bos_id] if add_bos else []
-        tail = [self.eos_id] if add_eos else []
-        return [np.asarray(head + ids + tail, np.int32) for ids in self.encode(texts)]
+        return encode_framed(self, texts, add_bos, add_eos)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """(token ids, character offset where each token starts) of one text, special tokens written
