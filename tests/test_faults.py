@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import corpus_tokenizer_path
 
 from gf_jax.config import load_config
 from gf_jax.runlock import LOCK_FILE
@@ -40,13 +41,7 @@ SETTINGS = [
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    from gf_jax import data as data_lib
-
-    config = load_config(TINY, SETTINGS)
-    cache = str(tmp_path_factory.mktemp("tokenizers"))
-    return data_lib.load_tokenizer(
-        data_lib.DataConfig(**{**config.data.__dict__, "tokenizer_cache_dir": cache})
-    ).path
+    return corpus_tokenizer_path(load_config(TINY, SETTINGS), tmp_path_factory)
 
 
 def losses(run_dir):

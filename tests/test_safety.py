@@ -13,6 +13,7 @@ import time
 
 import fsspec
 import pytest
+from conftest import corpus_tokenizer_path
 from fsspec.implementations.local import LocalFileSystem
 
 from gf_jax import evaluate, runlock
@@ -57,13 +58,7 @@ def steps_in(run_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    from gf_jax import data as data_lib
-
-    config = load_config(TINY, SMALL)
-    cache = str(tmp_path_factory.mktemp("tokenizers"))
-    return data_lib.load_tokenizer(
-        data_lib.DataConfig(**{**config.data.__dict__, "tokenizer_cache_dir": cache})
-    ).path
+    return corpus_tokenizer_path(load_config(TINY, SMALL), tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
