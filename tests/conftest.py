@@ -16,3 +16,36 @@ def corpus_tokenizer_path(config, tmp_path_factory) -> str:
 
     cache = str(tmp_path_factory.mktemp("tokenizers"))
     return corpus_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path
+
+
+def fake_gcs_class():
+    """An fsspec file system serving gs://bucket/key from ``<root>/bucket/key`` on the local disk
+    (``pipe_file(mode="create")`` is fsspec's default), for run directories "in a bucket"."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    class _FakeGCS(LocalFileSystem):
+        root = None
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            for prefix in ("gs://", "gcs://"):
+                if path.startswith(prefix):
+                    return os.path.join(cls.root, path[len(prefix):])
+            return super()._strip_protocol(path)
+
+    return _FakeGCS
+
+
+def shakespeare_tokenizer(tmp_path_factory):
+    """A 330-piece tokenizer of the first 60,000 characters of the embedded Tiny Shakespeare."""
+    from gf_jax.tokenizer import cached_tokenizer
+
+    path = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()[:60_000]
+    return cached_tokenizer([text], 330, str(tmp_path_factory.mktemp("tok")), verbose=False)

@@ -6,27 +6,11 @@ import os
 
 import fsspec
 import pytest
-from fsspec.implementations.local import LocalFileSystem
+from conftest import fake_gcs_class
 
 from gf_jax import rundir
 
-
-class FakeGCS(LocalFileSystem):
-    """gs://bucket/key -> <root>/bucket/key on the local disk."""
-
-    root = None
-    protocol = ("gs", "gcs")
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        for prefix in ("gs://", "gcs://"):
-            if path.startswith(prefix):
-                return os.path.join(cls.root, path[len(prefix):])
-        return super()._strip_protocol(path)
+FakeGCS = fake_gcs_class()
 
 
 @pytest.fixture

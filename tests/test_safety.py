@@ -13,8 +13,7 @@ import time
 
 import fsspec
 import pytest
-from conftest import corpus_tokenizer_path
-from fsspec.implementations.local import LocalFileSystem
+from conftest import corpus_tokenizer_path, fake_gcs_class
 
 from gf_jax import evaluate, runlock
 from gf_jax import tokenizer as tokenizer_lib
@@ -35,6 +34,8 @@ SMALL = [
     "train.log_every=1", "train.ckpt_every=1", "train.keep_ckpts=10", "train.eval_every=0",
     "train.progress=false", "train.tensorboard=false", "train.async_checkpoint=false",
 ]
+
+FakeGCS = fake_gcs_class()
 
 
 def config_for(tokenizer_path, run_dir, *extra):
@@ -154,24 +155,6 @@ def test_an_unwritable_run_dir_is_one_sentence(tokenizer_path, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert err == (f"error: cannot write to the run directory {run_dir} (Permission denied); make it writable "
                    "or choose another train.run_dir.")
-
-
-class FakeGCS(LocalFileSystem):
-    """gs://bucket/key -> <root>/bucket/key; ``pipe_file(mode="create")`` is fsspec's default."""
-
-    root = None
-    protocol = ("gs", "gcs")
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        for prefix in ("gs://", "gcs://"):
-            if path.startswith(prefix):
-                return os.path.join(cls.root, path[len(prefix):])
-        return super()._strip_protocol(path)
 
 
 @pytest.fixture

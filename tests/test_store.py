@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import shakespeare_tokenizer
 
 from gf_jax import data
 from gf_jax.data import prepare, stored
@@ -26,9 +27,7 @@ WIKITEXT = os.path.join(ROOT, "data", "wikitext2_valid.txt")
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    with open(SHAKESPEARE, encoding="utf-8") as fh:
-        text = fh.read()[:60_000]
-    return cached_tokenizer([text], 330, str(tmp_path_factory.mktemp("tok")), verbose=False)
+    return shakespeare_tokenizer(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
