@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check gf_jax scripts tests
+	$(PY) -m ruff check gf_jax scripts tests examples
 
 # Trains configs/tiny.yaml (4-GL goldfish loss, Tiny Shakespeare) from scratch on CPU, ~2 minutes.
 DEMO_RUN ?= runs/demo
