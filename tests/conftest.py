@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
@@ -18,12 +20,12 @@ def corpus_tokenizer_path(config, tmp_path_factory) -> str:
     return corpus_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path
 
 
-def fake_gcs_class():
+def _fake_gcs_class():
     """An fsspec file system serving gs://bucket/key from ``<root>/bucket/key`` on the local disk
     (``pipe_file(mode="create")`` is fsspec's default), for run directories "in a bucket"."""
     from fsspec.implementations.local import LocalFileSystem
 
-    class _FakeGCS(LocalFileSystem):
+    class FakeGCS(LocalFileSystem):
         root = None
         protocol = ("gs", "gcs")
 
@@ -38,7 +40,23 @@ def fake_gcs_class():
                     return os.path.join(cls.root, path[len(prefix):])
             return super()._strip_protocol(path)
 
-    return _FakeGCS
+    return FakeGCS
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    """gs:// paths served from ``tmp_path/gcs`` for the duration of a test (yields that folder)."""
+    import fsspec
+    from etils.epath import backend
+
+    fake = _fake_gcs_class()
+    fake.root = str(tmp_path / "gcs")
+    os.makedirs(fake.root)
+    fsspec.register_implementation("gcs", fake, clobber=True)
+    fsspec.register_implementation("gs", fake, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield tmp_path / "gcs"
+    backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def shakespeare_tokenizer(tmp_path_factory):
@@ -49,3 +67,9 @@ def shakespeare_tokenizer(tmp_path_factory):
     with open(path, encoding="utf-8") as fh:
         text = fh.read()[:60_000]
     return cached_tokenizer([text], 330, str(tmp_path_factory.mktemp("tok")), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The Shakespeare tokenizer, once per test module (a module may define its own ``tok``)."""
+    return shakespeare_tokenizer(tmp_path_factory)

@@ -8,18 +8,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import shakespeare_tokenizer
 
 from gf_jax import data
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 WIKITEXT = os.path.join(ROOT, "data", "wikitext2_valid.txt")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return shakespeare_tokenizer(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

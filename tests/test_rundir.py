@@ -2,28 +2,8 @@
 checkpoint arrays itself). A fake GCS filesystem registered with fsspec stands in for the bucket."""
 
 import json
-import os
-
-import fsspec
-import pytest
-from conftest import fake_gcs_class
 
 from gf_jax import rundir
-
-FakeGCS = fake_gcs_class()
-
-
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-    from etils.epath import backend
-
-    FakeGCS.root = str(tmp_path / "gcs")
-    os.makedirs(FakeGCS.root)
-    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-    fsspec.register_implementation("gs", FakeGCS, clobber=True)
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    yield tmp_path / "gcs"
-    backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def test_rundir_ops_on_a_bucket(bucket, tmp_path):

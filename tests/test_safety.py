@@ -11,9 +11,8 @@ import subprocess
 import sys
 import time
 
-import fsspec
 import pytest
-from conftest import corpus_tokenizer_path, fake_gcs_class
+from conftest import corpus_tokenizer_path
 
 from gf_jax import evaluate, runlock
 from gf_jax import tokenizer as tokenizer_lib
@@ -34,8 +33,6 @@ SMALL = [
     "train.log_every=1", "train.ckpt_every=1", "train.keep_ckpts=10", "train.eval_every=0",
     "train.progress=false", "train.tensorboard=false", "train.async_checkpoint=false",
 ]
-
-FakeGCS = fake_gcs_class()
 
 
 def config_for(tokenizer_path, run_dir, *extra):
@@ -155,19 +152,6 @@ def test_an_unwritable_run_dir_is_one_sentence(tokenizer_path, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert err == (f"error: cannot write to the run directory {run_dir} (Permission denied); make it writable "
                    "or choose another train.run_dir.")
-
-
-@pytest.fixture
-def bucket(tmp_path):
-    from etils.epath import backend
-
-    FakeGCS.root = str(tmp_path / "gcs")
-    os.makedirs(FakeGCS.root)
-    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-    fsspec.register_implementation("gs", FakeGCS, clobber=True)
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    yield tmp_path / "gcs"
-    backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def test_bucket_lock_is_an_object_refused_broken_when_stale_and_lost_when_taken(bucket):

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import shakespeare_tokenizer
 
 from gf_jax import data
 from gf_jax.data import prepare, stored
@@ -23,11 +22,6 @@ from gf_jax.tokenizer import cached_tokenizer
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 WIKITEXT = os.path.join(ROOT, "data", "wikitext2_valid.txt")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return shakespeare_tokenizer(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
