@@ -91,6 +91,26 @@ def test_memorization_init_from_starts_from_trained_weights(memorization_run, tm
     assert continued < scratch - 0.1
 
 
+def test_memorization_fine_tuning_mode_pretrains_one_base_for_every_arm(tmp_path, tok_cache):
+    import yaml
+
+    args = ["--preset", "smoke", "--devices", "1", "--out", str(tmp_path), "--arms", "standard,goldfish-hash",
+            f"data.tokenizer_cache_dir={tok_cache}", "experiment.base_corpus=data/tinyshakespeare.txt",
+            "experiment.base_steps=3"]
+    result = memorization.run(args)
+    base = result["meta"]["base"]
+    assert base["steps"] == 3 and base["status"] == "done" and base["resumed_from"] is None
+    assert os.path.isdir(os.path.join(base["run_dir"], "checkpoints", "3"))
+    for name in ("standard", "goldfish-hash"):
+        with open(os.path.join(tmp_path, "arms", name, "config.yaml")) as f:
+            assert yaml.safe_load(f)["train"]["init_from"] == base["run_dir"]
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["base"]["run_dir"] == base["run_dir"]
+    assert "fine-tunes one base model, pretrained 3 steps" in open(tmp_path / "results.md").read()
+    # A second run reuses the finished base instead of training it again.
+    assert memorization.run(args)["meta"]["base"]["resumed_from"] == 3
+
+
 def test_canary_smoke_writes_one_row_per_arm(tmp_path, tok_cache):
     result = canary.run(["--preset", "smoke", "--out", str(tmp_path), "--devices", "1",
                          f"data.tokenizer_cache_dir={tok_cache}"])

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Sequence
 
 from gf_jax.distributed import is_main_process
-from gf_jax.experiments import cli, corpus, evaluation, tables
+from gf_jax.experiments import base_model, cli, corpus, evaluation, tables
 from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
 from gf_jax.experiments.runner import Protocol, run_arms
@@ -68,6 +68,10 @@ class MemorizationExperiment:
       k, h: goldfish drop rate 1/k and hash context width.
       hash_strategy: the goldfish-hash arm's strategy, ``hash`` or the reference's ``hash-table``.
       eval_batch: prompts decoded (and documents scored) per batch.
+      base_corpus: fine-tuning mode: a corpus a base model is first pretrained on (standard loss,
+        packed rows, ``base_steps`` steps at ``base_lr``, default ``optimizer.lr``); every arm then
+        fine-tunes that base (``<out>/base``). ``base_format`` is one of the ``--format`` choices.
+        Null: the arms start from ``--init-from`` if given, else from scratch.
     """
 
     docs: int = 16
@@ -81,6 +85,10 @@ class MemorizationExperiment:
     h: int = 13
     hash_strategy: str = "hash"
     eval_batch: int = 16
+    base_corpus: str | None = None
+    base_format: str = "text"
+    base_steps: int = 0
+    base_lr: float | None = None
 
     def __post_init__(self):
         if self.hash_strategy not in ("hash", "hash-table"):
@@ -93,6 +101,9 @@ class MemorizationExperiment:
         if unknown or not self.arms:
             raise ValueError(f"experiment.arms has unknown arm {unknown[0] if unknown else '(none)'}; "
                              f"choose from {', '.join(ARM_NAMES)}.")
+        if self.base_corpus and (self.base_steps < 1 or self.base_format not in FORMATS):
+            raise ValueError(f"experiment.base_corpus needs experiment.base_steps >= 1 (got {self.base_steps}) and "
+                             f"experiment.base_format in {', '.join(sorted(FORMATS))} (got {self.base_format!r}).")
         if self.suffix_len + 3 > self.doc_tokens:
             raise ValueError(f"experiment.suffix_len={self.suffix_len} leaves no prompt in documents of "
                              f"{self.doc_tokens} tokens; raise experiment.doc_tokens or lower suffix_len.")
@@ -154,6 +165,15 @@ def arm_data(base, docs_path: str, tokenizer):
         validation_fraction=0.0, max_documents=None, canary_path=None, canary_repeats=0)
 
 
+def train_base(base, exp: MemorizationExperiment, tokenizer, out: str, init_from: str | None, *,
+               devices, fresh: bool) -> dict:
+    """Fine-tuning mode: pretrains (or reuses) ``<out>/base`` on ``experiment.base_corpus``."""
+    fields = dict(FORMATS[exp.base_format], path=exp.base_corpus)
+    config = base_model.base_config(base, corpus_fields=fields, tokenizer_path=tokenizer.path, steps=exp.base_steps,
+                                    lr=exp.base_lr, run_dir=os.path.join(out, "base"), init_from=init_from)
+    return base_model.pretrain_base(config, devices=devices, fresh=fresh, tag="memorization")
+
+
 def results_columns(exp: MemorizationExperiment) -> list[tables.Column]:
     def never_supervised(r: dict) -> str:
         never = [d["suffix_never_supervised"] for d in r["memorization"]["per_doc"]]
@@ -173,6 +193,10 @@ def write_outputs(out: str, results: dict, exp: MemorizationExperiment, base, me
                    f"d_model={base.model.d_model} x {base.model.n_layers} layers ({meta['parameters']:,} "
                    f"parameters), tokenizer {meta['vocab_size']} pieces, suffix {exp.suffix_len} tokens, "
                    "greedy decoding.")
+    if "base" in meta:
+        b = meta["base"]
+        description += (f" Every arm fine-tunes one base model, pretrained {b['steps']} steps with standard loss "
+                        f"on {os.path.basename(b['corpus'])} (final loss {b.get('final_loss') or float('nan'):.3f}).")
     tables.write_results(
         out, results, table, record={**meta, "experiment": dataclasses.asdict(exp), "documents": docs},
         heading="Memorization experiment", description=description, paper_note=PAPER_NOTE,
@@ -239,6 +263,10 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     meta = {**provenance(command or cli.script_command(), argv), "preset": preset,
             "config_file": os.path.relpath(path, REPO), "parameters": param_count(base.model),
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.path}
+    init_from = args.init_from
+    if exp.base_corpus:
+        meta["base"] = train_base(base, exp, tokenizer, out, init_from, devices=devices, fresh=args.fresh)
+        init_from = meta["base"]["run_dir"]
     say(f"[memorization] {len(members)} documents of {exp.doc_tokens} tokens x {exp.epochs} epochs "
         f"({n_rows} rows/epoch, batch {base.train.global_batch}), arms: {', '.join(exp.arms)}; "
         f"model {meta['parameters']:,} parameters; output {out}")
@@ -246,7 +274,7 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     def configure(arm: Arm):
         trains_on = "control" if arm.name == "control" else "members"
         config = arm_config(base, arm, data=arm_data(base, paths[trains_on], tokenizer), steps=steps,
-                            run_dir=os.path.join(out, "arms", arm.name), init_from=args.init_from)
+                            run_dir=os.path.join(out, "arms", arm.name), init_from=init_from)
         if [d.id for d in data.load_documents(config.data)] != docs[trains_on]:
             raise RuntimeError(f"the pipeline reads other documents from {paths[trains_on]} than were selected.")
         return config
