@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from gf_jax import data, metrics
-from gf_jax.evaluate import _round_up, _row_xent, _texts, evaluate_memorization, heldout_loss
+from gf_jax.evaluate import evaluate_memorization
 from gf_jax.generate import data_parallel_size
+from gf_jax.scoring import decoded_texts, heldout_loss, round_up, row_xent
 
 
 def answer_texts(tokenizer, encoded: data.EncodedExamples) -> list[str]:
     """The decoded supervised tokens of each example (what the zlib attack compresses)."""
-    return _texts(tokenizer, [t[s] for t, s in zip(encoded.tokens, encoded.supervised)])
+    return decoded_texts(tokenizer, [t[s] for t, s in zip(encoded.tokens, encoded.supervised)])
 
 
 def example_memorization(model, tokenizer, encoded: data.EncodedExamples, *, suffix_len: int, **kw
@@ -54,11 +55,11 @@ def answer_nll(model, encoded: data.EncodedExamples, *, seq_len: int, batch_size
                pad_id: int = 0) -> np.ndarray:
     """Mean NLL (nats) of each example's supervised tokens, one example per row."""
     if mesh is not None:
-        batch_size = _round_up(batch_size, data_parallel_size(mesh))
+        batch_size = round_up(batch_size, data_parallel_size(mesh))
     nll = np.zeros(len(encoded.tokens), np.float64)
     for batch in data.example_eval_batches(encoded, global_batch=batch_size, seq_len=seq_len, pad_id=pad_id,
                                            mode="document", process_index=0, process_count=1, with_doc_ids=True):
-        xent_B, n_B = (np.asarray(x, np.float64) for x in _row_xent(model, batch, mesh))
+        xent_B, n_B = (np.asarray(x, np.float64) for x in row_xent(model, batch, mesh))
         for row, example in enumerate(batch.doc_ids_BxT[:, 0]):
             if example >= 0:
                 nll[example] = xent_B[row] / max(n_B[row], 1.0)
@@ -96,7 +97,7 @@ def evaluate_examples(model, config, tokenizer, examples: Sequence, heldout: Seq
         held = data.encode_examples(heldout, tokenizer, config.data, max_len=seq_len + 1)
         result["mia"] = example_membership(model, tokenizer, members, held, seq_len=seq_len, fpr=args.fpr,
                                            batch_size=args.batch_size, mesh=mesh)
-        global_batch = args.batch_size if mesh is None else _round_up(args.batch_size, data_parallel_size(mesh))
+        global_batch = args.batch_size if mesh is None else round_up(args.batch_size, data_parallel_size(mesh))
         batches = data.example_eval_batches(held, global_batch=global_batch, seq_len=seq_len, pad_id=tokenizer.pad_id,
                                             mode=config.data.mode, process_index=0, process_count=1)
         loss, ppl = heldout_loss(model, batches, mesh=mesh, progress=f"{name}: held-out loss")
