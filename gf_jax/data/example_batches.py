@@ -43,6 +43,9 @@ class ExampleLayout:
         picked = self.order[self.row_firsts[r]:self.row_firsts[r + 1]]
         return [(int(d), 0, int(self.lengths[d])) for d in picked]
 
+    def rows(self, r_R) -> list[list[tuple[int, int, int]]]:
+        return [self.row(int(r)) for r in r_R]
+
 
 def layout_of(lengths: np.ndarray, order: np.ndarray, seq_len: int, mode: str):
     """``packed``: several whole examples per row; ``document``: one example per row."""

@@ -68,8 +68,9 @@ class RowLayout:
         """Pieces of each row in ``r_R``, looking the order up once for all of them."""
         r_R = np.asarray(r_R, np.int64)
         T = self.T
+        # The needles take the prefix sums' dtype: searchsorted would otherwise cast the whole array.
         if self.mode == "document":
-            k_R = np.searchsorted(self.row_starts, r_R, "right") - 1
+            k_R = np.searchsorted(self.row_starts, r_R.astype(self.row_starts.dtype), "right") - 1
             piece_R = r_R - self.row_starts[k_R]
             doc_R = np.asarray(self.order[k_R], np.int64)
             return [[(d, c * T, min(c * T + T + 1, n))]
@@ -77,8 +78,8 @@ class RowLayout:
         total = int(self.starts[-1])
         a_R = r_R * T
         b_R = np.minimum(a_R + T + 1, total)
-        k0_R = np.searchsorted(self.starts, a_R, "right") - 1
-        k1_R = np.searchsorted(self.starts, b_R - 1, "right") - 1
+        k0_R = np.searchsorted(self.starts, a_R.astype(self.starts.dtype), "right") - 1
+        k1_R = np.searchsorted(self.starts, (b_R - 1).astype(self.starts.dtype), "right") - 1
         k_P = np.concatenate([np.arange(k0, k1 + 1) for k0, k1 in zip(k0_R.tolist(), k1_R.tolist())] or [[]])
         k_P = k_P.astype(np.int64)
         doc_of = dict(zip(k_P.tolist(), np.asarray(self.order[k_P], np.int64).tolist()))

@@ -21,16 +21,18 @@ ALGORITHMS = ("auto", "feistel", "permutation")
 # A run's checkpoint without the key was saved before it existed, i.e. with ``permutation``.
 LEGACY = "permutation"
 ROUNDS = 6  # 4 make a strong pseudo-random permutation with random round functions; 2 more for margin
-CHUNK = 1 << 20  # elements per vectorised step when an order is read whole (bounded temporaries)
+CHUNK = 1 << 16  # elements per vectorised step over an order or an index: temporaries stay in the cache
 
 
 def _mix(x_N: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every output bit depends on every input bit (wrapping uint64 maths)."""
-    x_N = x_N ^ (x_N >> np.uint64(30))
-    x_N = x_N * np.uint64(0xBF58476D1CE4E5B9)
-    x_N = x_N ^ (x_N >> np.uint64(27))
-    x_N = x_N * np.uint64(0x94D049BB133111EB)
-    return x_N ^ (x_N >> np.uint64(31))
+    """splitmix64's finaliser, in place: every output bit depends on every input bit (wrapping
+    uint64 maths)."""
+    x_N ^= x_N >> np.uint64(30)
+    x_N *= np.uint64(0xBF58476D1CE4E5B9)
+    x_N ^= x_N >> np.uint64(27)
+    x_N *= np.uint64(0x94D049BB133111EB)
+    x_N ^= x_N >> np.uint64(31)
+    return x_N
 
 
 class FeistelPermutation:
@@ -60,9 +62,14 @@ class FeistelPermutation:
         left_N, right_N = x_N >> np.uint64(wr), x_N & np.uint64((1 << wr) - 1)
         for key in self.keys:
             # (L, R) -> (R, L ^ F(R)): invertible whatever F is, so each round is a bijection.
-            left_N, right_N = right_N, left_N ^ (_mix(right_N ^ key) & np.uint64((1 << wl) - 1))
+            f_N = _mix(right_N ^ key)
+            f_N &= np.uint64((1 << wl) - 1)
+            f_N ^= left_N
+            left_N, right_N = right_N, f_N
             wl, wr = wr, wl
-        return (left_N << np.uint64(wr)) | right_N
+        left_N <<= np.uint64(wr)
+        left_N |= right_N
+        return left_N
 
     def __call__(self, index_N) -> np.ndarray:
         """The images of ``index_N`` (int64, same shape); every index must be in [0, n)."""
