@@ -75,6 +75,8 @@ class DataConfig:
       store_dir: the store's folder (local or ``gs://``); a store there prepared with other
         settings is refused. None: ``.cache/stores/<key of the settings>``.
       store_workers: processes that tokenize while preparing a store (None: every core).
+      store_wait: seconds the other processes of a multi-process run wait for process 0 to prepare
+        a missing store (they poll for its manifest, written last) before giving up with an error.
     """
 
     source: str = "text"
@@ -114,6 +116,7 @@ class DataConfig:
     store: str = "off"
     store_dir: str | None = None
     store_workers: int | None = None
+    store_wait: float = 10800.0
 
     def __post_init__(self):
         check_choice("data.source", self.source, SOURCES)
@@ -124,6 +127,8 @@ class DataConfig:
         check_choice("data.shuffle_algorithm", self.shuffle_algorithm, SHUFFLE_ALGORITHMS)
         if self.store_workers is not None and self.store_workers < 1:
             raise ValueError(f"data.store_workers={self.store_workers} must be >= 1 or null (every core).")
+        if self.store_wait <= 0:
+            raise ValueError(f"data.store_wait={self.store_wait} must be > 0 seconds.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1).")
         if self.max_documents is not None and self.max_documents < 1:

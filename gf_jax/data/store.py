@@ -139,8 +139,9 @@ def _copy_stream(src: str, dst: str) -> None:
 
 
 class TokenStore:
-    """A complete store, memory-mapped. ``gs://`` stores are copied to a local cache file by file,
-    on first use, so a process fetches only the shards that hold its share.
+    """A complete store, memory-mapped. ``gs://`` stores are copied to a local cache
+    (``cache_dir``, default ``.cache/stores/remote``) file by file, on first use, so a process
+    fetches only the shards that hold its share.
 
     ``tokens(d)`` is document d's tokens (a read-only view of the shard, no copy).
     """
@@ -151,8 +152,11 @@ class TokenStore:
         if self.manifest is None:
             raise FileNotFoundError(f"{path} is not a complete tokenized store (no {MANIFEST}); run "
                                     "`python -m gf_jax.data prepare --config C` or set data.store=auto.")
+        # A remote store's local copy is keyed by its path and manifest: a store prepared again at
+        # the same URL (other settings, other corpus) never reads the files cached for the old one.
+        key = hashlib.sha256(json.dumps([path, self.manifest], sort_keys=True).encode()).hexdigest()[:16]
         self.local = path if not rundir.is_url(path) else os.path.join(
-            cache_dir or os.path.join(".cache", "stores", "remote"), hashlib.sha256(path.encode()).hexdigest()[:16])
+            cache_dir or os.path.join(".cache", "stores", "remote"), key)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.num_documents = int(self.manifest["documents"])
         self.offsets = self._map("offsets.bin", np.int64)
