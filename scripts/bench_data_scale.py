@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -64,7 +63,9 @@ def first_batch(mode: str, corpus: str, tokenizer_path: str, store_dir: str, glo
                                   process_count=1, prefetch=0)
     next(it)
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a subprocess would report at
+    # least the RSS of the benchmark process that started it (which has just prepared a store).
+    peak_mb = _status_mb("VmHWM")
     t1 = time.perf_counter()
     for s in range(1, 101):
         it.batch(s * 997)  # spread over the corpus: random access, not a warm neighbourhood
@@ -89,7 +90,10 @@ def _in_subprocess(mode, corpus, tok_path, store_dir, B, T, algorithm="auto") ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_mb: int) -> None:
+def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_mb: int,
+        keep_stores: bool = False) -> None:
+    """The scale table. ``keep_stores``: reuse stores already in ``work_dir`` and take their prepare
+    rates from their manifests (``prepare_seconds``, the time ``prepare_store`` took)."""
     from gf_jax import data
     from gf_jax.config import load_config
     from gf_jax.tokenizer import corpus_tokenizer
@@ -112,10 +116,12 @@ def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_
         rates = {}
         for workers in (1, 2):
             path = os.path.join(work_dir, f"store-{mb}mb-{workers}w")
-            shutil.rmtree(path, ignore_errors=True)
-            t0 = time.perf_counter()
-            data.prepare_store(config, tok, path=path, workers=workers, progress=False)
-            rates[workers] = read_tokens(path) / (time.perf_counter() - t0)
+            if not (keep_stores and os.path.exists(os.path.join(path, "manifest.json"))):
+                shutil.rmtree(path, ignore_errors=True)
+                data.prepare_store(config, tok, path=path, workers=workers, progress=False)
+            with open(os.path.join(path, "manifest.json")) as fh:
+                manifest = json.load(fh)
+            rates[workers] = manifest["tokens"] / manifest["prepare_seconds"]
         store_dir = os.path.join(work_dir, f"store-{mb}mb-2w")
         stored = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "feistel")
         legacy = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "permutation")
