@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--scale-dir", default="/tmp/gf_jax_bench_scale", help="where the scale corpora and stores go")
     parser.add_argument("--skip-memory-above", type=int, default=10**9,
                         help="scale: MB above which the in-memory pipeline is not run")
+    parser.add_argument("--keep-stores", action="store_true",
+                        help="scale: reuse the stores already in --scale-dir (prepare rates from their manifests)")
     args = parser.parse_args()
 
     if hasattr(os, "sched_setaffinity"):
@@ -46,7 +48,7 @@ def main():
         import bench_data_scale
 
         bench_data_scale.run([int(x) for x in args.scale.split(",")], args.scale_dir, args.config,
-                             args.skip_memory_above)
+                             args.skip_memory_above, args.keep_stores)
         return 0
 
     import jax

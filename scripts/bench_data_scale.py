@@ -5,8 +5,10 @@ For each size, a synthetic JSONL corpus of distinct documents is generated from 
 Shakespeare text (each document: a unique header and 3-8 random speeches), then
   1. prepare throughput of the store, tokens/s, with 1 and 2 worker processes;
   2. time to the first batch (building the training iterator with configs/tiny.yaml's batch, after
-     imports) and peak RSS at that point, with ``data.store=auto`` and with ``data.store=off``
-     (today's in-memory pipeline), each in a fresh subprocess so the figures are that run's alone;
+     imports) and peak RSS at that point, with ``data.store=auto`` (epoch orders: lazy Feistel
+     bijections, and for comparison ``data.shuffle_algorithm=permutation``, the materialised numpy
+     permutations of runs started before it) and with ``data.store=off`` (the in-memory pipeline),
+     each in a fresh subprocess so the figures are that run's alone;
   3. then 100 batches spread over the corpus (random access): ms per batch, and the private
      memory (RssAnon) after them; memory-mapped pages are page cache, not counted there.
 The tokenizer is the tiny config's (trained once on Tiny Shakespeare), so only the pipeline is timed.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,19 +49,23 @@ def make_corpus(path: str, megabytes: int, seed: int = 0) -> int:
     return n
 
 
-def first_batch(mode: str, corpus: str, tokenizer_path: str, store_dir: str, global_batch: int, seq_len: int) -> dict:
+def first_batch(mode: str, corpus: str, tokenizer_path: str, store_dir: str, global_batch: int, seq_len: int,
+                algorithm: str = "auto") -> dict:
     """In this (fresh) process: seconds to build the iterator and get its first batch, peak RSS."""
     from gf_jax import data
     from gf_jax.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     tok = Tokenizer.load(tokenizer_path)
-    config = data.DataConfig(source="jsonl", path=corpus, tokenizer=tokenizer_path, store=mode, store_dir=store_dir)
+    config = data.DataConfig(source="jsonl", path=corpus, tokenizer=tokenizer_path, store=mode, store_dir=store_dir,
+                             shuffle_algorithm=algorithm)
     it = data.make_train_iterator(config, tok, global_batch=global_batch, seq_len=seq_len, process_index=0,
                                   process_count=1, prefetch=0)
     next(it)
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a subprocess would report at
+    # least the RSS of the benchmark process that started it (which has just prepared a store).
+    peak_mb = _status_mb("VmHWM")
     t1 = time.perf_counter()
     for s in range(1, 101):
         it.batch(s * 997)  # spread over the corpus: random access, not a warm neighbourhood
@@ -78,13 +83,17 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def _in_subprocess(mode, corpus, tok_path, store_dir, B, T) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "first-batch", mode, corpus, tok_path, store_dir, str(B), str(T)]
+def _in_subprocess(mode, corpus, tok_path, store_dir, B, T, algorithm="auto") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "first-batch", mode, corpus, tok_path, store_dir, str(B), str(T),
+           algorithm]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_mb: int) -> None:
+def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_mb: int,
+        keep_stores: bool = False) -> None:
+    """The scale table. ``keep_stores``: reuse stores already in ``work_dir`` and take their prepare
+    rates from their manifests (``prepare_seconds``, the time ``prepare_store`` took)."""
     from gf_jax import data
     from gf_jax.config import load_config
     from gf_jax.tokenizer import corpus_tokenizer
@@ -97,6 +106,7 @@ def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_
           f"{len(os.sched_getaffinity(0))} cores, {time.strftime('%Y-%m-%d')}")
     print(f"{'corpus':>8s} {'docs':>9s} {'tokens':>12s} {'prep 1w tok/s':>14s} {'prep 2w tok/s':>14s} "
           f"| store: {'1st batch':>9s} {'peak RSS':>8s} {'private':>8s} {'ms/batch':>8s} "
+          f"| store, permutation: {'1st batch':>9s} {'peak RSS':>8s} {'private':>8s} {'ms/batch':>8s} "
           f"| memory: {'1st batch':>9s} {'peak RSS':>8s} {'private':>8s} {'ms/batch':>8s}")
     for mb in sizes_mb:
         corpus = os.path.join(work_dir, f"corpus-{mb}mb.jsonl")
@@ -106,16 +116,20 @@ def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_
         rates = {}
         for workers in (1, 2):
             path = os.path.join(work_dir, f"store-{mb}mb-{workers}w")
-            shutil.rmtree(path, ignore_errors=True)
-            t0 = time.perf_counter()
-            data.prepare_store(config, tok, path=path, workers=workers, progress=False)
-            rates[workers] = read_tokens(path) / (time.perf_counter() - t0)
-        stored = _in_subprocess("auto", corpus, tok.path, os.path.join(work_dir, f"store-{mb}mb-2w"), B, T)
+            if not (keep_stores and os.path.exists(os.path.join(path, "manifest.json"))):
+                shutil.rmtree(path, ignore_errors=True)
+                data.prepare_store(config, tok, path=path, workers=workers, progress=False)
+            with open(os.path.join(path, "manifest.json")) as fh:
+                manifest = json.load(fh)
+            rates[workers] = manifest["tokens"] / manifest["prepare_seconds"]
+        store_dir = os.path.join(work_dir, f"store-{mb}mb-2w")
+        stored = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "feistel")
+        legacy = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "permutation")
         memory = (_in_subprocess("off", corpus, tok.path, "", B, T) if mb <= skip_memory_above_mb
                   else dict.fromkeys(("seconds", "rss_mb", "anon_mb", "batch_ms"), float("nan")))
         m = json.load(open(os.path.join(work_dir, f"store-{mb}mb-2w", "manifest.json")))
         print(f"{mb:>6d}MB {m['documents']:>9,d} {m['tokens']:>12,d} {rates[1]:>14,.0f} {rates[2]:>14,.0f} "
-              f"| {_cells(stored)} | {_cells(memory)}", flush=True)
+              f"| {_cells(stored)} | {_cells(legacy)} | {_cells(memory)}", flush=True)
 
 
 def _cells(r: dict) -> str:
@@ -129,5 +143,5 @@ def read_tokens(path: str) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "first-batch":
-    mode, corpus, tok_path, store_dir, B, T = sys.argv[2:8]
-    print(json.dumps(first_batch(mode, corpus, tok_path, store_dir or None, int(B), int(T))))
+    mode, corpus, tok_path, store_dir, B, T, algorithm = sys.argv[2:9]
+    print(json.dumps(first_batch(mode, corpus, tok_path, store_dir or None, int(B), int(T), algorithm)))

@@ -3,6 +3,7 @@ per-host split, single-pass evaluation, TFDS (ArrayRecord, built locally) and in
 
 import collections
 import functools
+import hashlib
 import json
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from gf_jax import data
+from gf_jax.data.shuffle import FeistelPermutation
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
@@ -149,10 +151,11 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     a.close()
 
 
-def test_each_epoch_is_reshuffled_and_covers_every_row_once():
+@pytest.mark.parametrize("algorithm", ["feistel", "permutation"])
+def test_each_epoch_is_reshuffled_and_covers_every_row_once(algorithm):
     docs = random_docs(3, n=30)
     it = data.BatchIterator(docs, global_batch=1, seq_len=16, seed=0, process_index=0, process_count=1,
-                            prefetch=0, with_doc_ids=True)
+                            prefetch=0, with_doc_ids=True, shuffle_algorithm=algorithm)
     R = it.rows_per_epoch
     epoch0 = [it.batch(s) for s in range(R)]
     epoch1 = [it.batch(s) for s in range(R, 2 * R)]
@@ -187,6 +190,102 @@ def test_resume_yields_exactly_the_uninterrupted_batches():
     other = data.BatchIterator(docs, **{**kw, "seed": 8})
     with pytest.raises(ValueError, match="different data or settings"):
         other.set_state(state)
+
+
+# --------------------------------------------------------------------------------- epoch orders
+
+
+def feistel_reference(n, key, i):
+    """``FeistelPermutation(n, key)[i]`` in plain Python integers, written from the definition
+    (unbalanced Feistel network over 2**bits, splitmix64 round function, cycle-walking); only
+    the key schedule is taken from the class."""
+    keys = [int(k) for k in FeistelPermutation(n, key).keys]
+    bits, m64 = max(1, (n - 1).bit_length()), (1 << 64) - 1
+
+    def mix(x):
+        x ^= x >> 30
+        x = x * 0xBF58476D1CE4E5B9 & m64
+        x ^= x >> 27
+        x = x * 0x94D049BB133111EB & m64
+        return x ^ (x >> 31)
+
+    def encrypt(x):
+        wl, wr = (bits + 1) // 2, bits // 2
+        left, right = x >> wr, x & ((1 << wr) - 1)
+        for k in keys:
+            left, right = right, left ^ (mix(right ^ k) & ((1 << wl) - 1))
+            wl, wr = wr, wl
+        return (left << wr) | right
+
+    x = encrypt(i)
+    while x >= n:
+        x = encrypt(x)
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 65, 1000])
+def test_feistel_order_is_a_bijection_equal_to_its_plain_python_definition(n):
+    perm = FeistelPermutation(n, (3, 1, 0, 2))
+    whole = perm[0:n]
+    np.testing.assert_array_equal(np.sort(whole), np.arange(n))  # a bijection of [0, n)
+    assert whole.tolist() == [feistel_reference(n, (3, 1, 0, 2), i) for i in range(n)]
+    picks = np.array([n - 1, 0, n // 2], np.int64)
+    np.testing.assert_array_equal(perm[picks], whole[picks])  # any index, any order, no state
+    assert [perm[int(i)] for i in picks] == whole[picks].tolist()
+    np.testing.assert_array_equal(FeistelPermutation(n, (3, 1, 0, 2))[0:n], whole)  # a pure function of the key
+    if n >= 64:
+        assert not np.array_equal(FeistelPermutation(n, (3, 1, 1, 2))[0:n], whole)  # another epoch, another order
+
+
+def test_feistel_order_of_a_large_range_is_a_shuffle():
+    n = 300_007
+    perm = FeistelPermutation(n, (0, 0, 0, 2))
+    whole = np.concatenate([perm[a:min(a + 65_536, n)] for a in range(0, n, 65_536)])
+    assert np.array_equal(np.bincount(whole, minlength=n), np.ones(n, np.int64))
+    assert abs(np.corrcoef(np.arange(n), whole)[0, 1]) < 0.01  # no trace of the input order
+    assert np.mean(whole == np.arange(n)) < 1e-3
+    assert np.std(np.diff(whole)) > n / 3  # neighbours land far apart (independent uniforms: n / sqrt(6))
+
+
+# Batches of random_docs(11, n=30) (process 1 of 2, batch 4, T=16, seed 5, context 4) over three
+# epochs, as computed by gf_jax before data.shuffle_algorithm existed: sha256 of every field.
+LEGACY_BATCHES = {"packed": "258a38a43e185184", "document": "75dbc777172447c0"}
+
+
+def batches_digest(it, steps):
+    h = hashlib.sha256()
+    for s in steps:
+        for v in it.batch(s):
+            h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_runs_saved_before_shuffle_algorithm_resume_with_their_own_batches(mode):
+    docs = random_docs(11, n=30)
+    kw = dict(global_batch=4, seq_len=16, seed=5, process_index=1, process_count=2, prefetch=0, mode=mode,
+              context=4, with_doc_ids=True)
+    legacy = data.BatchIterator(docs, shuffle_algorithm="permutation", **kw)
+    epochs = range(3 * legacy.rows_per_epoch // legacy.local_batch)
+    assert batches_digest(legacy, epochs) == LEGACY_BATCHES[mode]
+    # A checkpoint written before the key existed holds the step and fingerprint only.
+    old_state = {"step": 5, "fingerprint": legacy.fingerprint}
+    resumed = data.BatchIterator(docs, **kw)  # shuffle_algorithm: auto
+    assert resumed.get_state()["shuffle_algorithm"] == "feistel"
+    resumed.set_state(old_state)
+    assert resumed.get_state()["shuffle_algorithm"] == "permutation"
+    assert batches_digest(resumed, epochs) == LEGACY_BATCHES[mode]
+    with pytest.raises(ValueError, match="resume with data.shuffle_algorithm=permutation"):
+        data.BatchIterator(docs, shuffle_algorithm="feistel", **kw).set_state(old_state)
+    # A new run's state names its algorithm; auto resumes it, the other explicit one is refused.
+    new = data.BatchIterator(docs, **kw)
+    state = json.loads(json.dumps({**new.get_state(), "step": 5}))
+    assert batches_digest(new, epochs) != LEGACY_BATCHES[mode]
+    again = data.BatchIterator(docs, **kw)
+    again.set_state(state)
+    assert batches_digest(again, epochs) == batches_digest(new, epochs)
+    with pytest.raises(ValueError, match="resume with data.shuffle_algorithm=feistel"):
+        data.BatchIterator(docs, shuffle_algorithm="permutation", **kw).set_state(state)
 
 
 # ------------------------------------------------------------------------------------ multi-host

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,6 +211,16 @@ def test_store_batches_equal_the_in_memory_ones_and_resume_exactly(config, tok, 
     assert not np.array_equal(reseeded.batch(0).inputs_BxT, store.batch(0).inputs_BxT)
 
 
+def test_a_store_iterator_keeps_int32_per_document_and_nothing_per_row(config, tok):
+    """What keeps memory flat as the corpus grows: 4-byte references, lengths and prefix sums per
+    document of the share, and epoch orders computed on demand (no array per row or document)."""
+    it = data.make_train_iterator(on_store(config), tok, global_batch=4, seq_len=32, process_index=0,
+                                  process_count=1, prefetch=0)
+    layout, rows = it._epoch(0)
+    assert it.tokens.refs_N.dtype == it.lengths.dtype == layout.starts.dtype == np.int32
+    assert not isinstance(rows, np.ndarray) and not isinstance(layout.order, np.ndarray)
+
+
 def test_each_process_gets_the_in_memory_share_disjoint_and_complete(config, tok):
     train_ids = [d.id for d in data.load_documents(config, "train")]
     shares = []
@@ -246,3 +257,78 @@ def test_prepare_command_line(tok, tmp_path, capsys):
                  f"data.path={SHAKESPEARE}", "data.max_documents=50", f"data.tokenizer={tok.path}",
                  f"data.store_dir={out}"]) == 0
     assert f"{out}: 50 documents" in capsys.readouterr().out and read_manifest(str(out))["documents"] == 50
+
+
+# ------------------------------------------------------------- many processes, one store, buckets
+
+_WAITING_PROCESS = """
+import json, sys
+from gf_jax import data
+from gf_jax.data import prepare
+from gf_jax.tokenizer import Tokenizer
+prepare.WAIT_POLL_SECONDS = 0.05
+def refuse(*args, **kwargs):
+    raise AssertionError("process 1 prepared the store")
+prepare.prepare_store = refuse
+config = data.DataConfig(path=sys.argv[1], max_documents=300, tokenizer=sys.argv[2], store="auto", store_dir=sys.argv[3],
+                         store_wait=120)
+open(sys.argv[4], "w").close()   # tells the test this process is about to look for the store
+store = data.ensure_store(config, Tokenizer.load(sys.argv[2]), process_index=1, process_count=2)
+print(json.dumps(store.manifest))
+"""
+
+
+def test_process_0_prepares_and_the_others_wait_for_its_manifest(tok, tmp_path, monkeypatch):
+    path, started = str(tmp_path / "store"), str(tmp_path / "started")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(ROOT)}
+    waiting = subprocess.Popen([sys.executable, "-c", _WAITING_PROCESS, SHAKESPEARE, tok.path, path, started],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(started) and waiting.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(started), waiting.communicate()[1]
+        config = data.DataConfig(path=SHAKESPEARE, max_documents=300, tokenizer=tok.path, store="auto",
+                                 store_dir=path, store_workers=1)
+        store = data.ensure_store(config, tok, progress=False, process_index=0, process_count=2)
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == store.manifest  # the store process 0 prepared
+    # Nobody prepares it: a process other than 0 gives up after data.store_wait, in one sentence.
+    monkeypatch.setattr(prepare, "WAIT_POLL_SECONDS", 0.05)
+    lonely = dataclasses.replace(config, store_dir=str(tmp_path / "never"), store_wait=0.3)
+    with pytest.raises(ValueError, match=r"process 3 waited 0 s for process 0 to prepare the tokenized store .*never; "
+                                         r"put data.store_dir on storage that every host sees"):
+        data.ensure_store(lonely, tok, progress=False, process_index=3, process_count=4)
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_a_store_in_a_bucket_is_uploaded_manifest_last_and_read_through_a_local_cache(config, tok, bucket, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the local build folder and the local cache of remote stores: .cache/stores
+    uploaded = []
+    copy_up = prepare._copy_stream_up
+    monkeypatch.setattr(prepare, "_copy_stream_up", lambda src, dst: (uploaded.append(dst), copy_up(src, dst)))
+    remote = on_store(config, store_dir="gs://bucket/stores/shakespeare")
+    store = data.ensure_store(remote, tok, progress=False)
+    assert uploaded[-1] == "gs://bucket/stores/shakespeare/manifest.json" and len(uploaded) > 4
+    assert (bucket / "bucket" / "stores" / "shakespeare" / "manifest.json").exists()
+    assert not [n for n in os.listdir(tmp_path / ".cache" / "stores") if ".partial-" in n]
+    # Every process reads the bucket's store: the in-memory batches, from a local copy of what it reads.
+    monkeypatch.setattr(prepare, "prepare_store", lambda *a, **k: pytest.fail("a matching store was prepared again"))
+    kwargs = dict(global_batch=4, seq_len=32, process_count=2, prefetch=0)
+    for pi in range(2):
+        it = data.make_train_iterator(remote, tok, process_index=pi, **kwargs)
+        want = data.make_train_iterator(config, tok, process_index=pi, **kwargs)
+        for s in (0, 7, it.rows_per_epoch // 2):
+            assert_same_batch(it.batch(s), want.batch(s))
+    assert os.path.exists(os.path.join(store.local, "offsets.bin"))
+    # The same URL prepared again with other settings: its readers never see the old local copy.
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(bucket / "bucket" / "stores" / "shakespeare")
+    again = data.ensure_store(on_store(config, store_dir="gs://bucket/stores/shakespeare", add_eos=False), tok,
+                              progress=False)
+    assert again.local != store.local and again.tokens(0)[-1] != tok.eos_id and store.tokens(0)[-1] == tok.eos_id

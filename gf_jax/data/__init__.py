@@ -19,8 +19,9 @@ positions in every row and carry an opaque iterator state).
 
 Modules, one concern each: ``config`` (DataConfig), ``sources`` (readers, Document),
 ``canaries`` (the stream with canary copies), ``splits`` (train/validation, per-process shares),
-``tokens`` (tokenizing and fit checks), ``packing`` (rows and Batch assembly), ``iterator``
-(BatchIterator), ``evaluation`` (eval_batches), ``pipeline`` (config to iterator, to the mesh),
+``tokens`` (tokenizing and fit checks), ``packing`` (rows and Batch assembly), ``shuffle`` (epoch
+orders: lazy Feistel bijections), ``iterator`` (BatchIterator), ``evaluation`` (eval_batches),
+``pipeline`` (config to iterator, to the mesh),
 ``store`` (the tokenized store's format and memory-mapped reader), ``prepare`` (its parallel
 writer; ``python -m gf_jax.data prepare --config C``), ``stored`` (a process's share from it);
 instruction and chat examples: ``examples`` (reading, tokens and supervision), ``chat`` (chat

@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gf_jax.tokenizer import corpus_tokenizer
 
     config = load_config(args.config, args.overrides).data
-    store = ensure_store(config, corpus_tokenizer(config), workers=args.workers)
+    # One process, whatever the host is part of: this command prepares; runs then wait for nothing.
+    store = ensure_store(config, corpus_tokenizer(config), workers=args.workers, process_index=0, process_count=1)
     m = store.manifest
     print(f"{store.path}: {m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) in "
           f"{len(m['shards'])} shard(s); prepared in {m['prepare_seconds']} s with {m['workers']} worker(s)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from gf_jax.data.shuffle import ALGORITHMS as SHUFFLE_ALGORITHMS
+
 SOURCES = ("text", "jsonl", "parquet", "tfds")
 STORES = ("off", "auto")
 SPLIT_RULES = ("file", "blank_line", "wikitext")
@@ -40,6 +42,11 @@ class DataConfig:
         document, or one piece of a long one, per row, padded).
       seed: shuffling seed (documents and rows, new order every epoch).
       shuffle: False packs documents in stream order and serves rows in order.
+      shuffle_algorithm: how an epoch's document and row orders are drawn: ``feistel`` (keyed
+        bijections computed on demand: no memory per row or document), ``permutation`` (numpy
+        permutations held in memory: the batches of runs started before this key existed) or
+        ``auto``: ``feistel`` for a new run, and on resume whatever its checkpoint was saved with
+        (so older runs keep their batches). See ``gf_jax.data.shuffle``.
       validation_fraction: share of documents (chosen by a hash of their id, independent of the
         seed) held out as the ``validation`` split. Canaries are never held out.
       max_documents: keep only the first N documents of the source.
@@ -68,6 +75,8 @@ class DataConfig:
       store_dir: the store's folder (local or ``gs://``); a store there prepared with other
         settings is refused. None: ``.cache/stores/<key of the settings>``.
       store_workers: processes that tokenize while preparing a store (None: every core).
+      store_wait: seconds the other processes of a multi-process run wait for process 0 to prepare
+        a missing store (they poll for its manifest, written last) before giving up with an error.
     """
 
     source: str = "text"
@@ -88,6 +97,7 @@ class DataConfig:
     mode: str = "packed"
     seed: int = 0
     shuffle: bool = True
+    shuffle_algorithm: str = "auto"
     validation_fraction: float = 0.0
     max_documents: int | None = None
     canary_path: str | None = None
@@ -106,6 +116,7 @@ class DataConfig:
     store: str = "off"
     store_dir: str | None = None
     store_workers: int | None = None
+    store_wait: float = 10800.0
 
     def __post_init__(self):
         check_choice("data.source", self.source, SOURCES)
@@ -113,8 +124,11 @@ class DataConfig:
         check_choice("data.canary_split_rule", self.canary_split_rule, SPLIT_RULES)
         check_choice("data.mode", self.mode, MODES)
         check_choice("data.store", self.store, STORES)
+        check_choice("data.shuffle_algorithm", self.shuffle_algorithm, SHUFFLE_ALGORITHMS)
         if self.store_workers is not None and self.store_workers < 1:
             raise ValueError(f"data.store_workers={self.store_workers} must be >= 1 or null (every core).")
+        if self.store_wait <= 0:
+            raise ValueError(f"data.store_wait={self.store_wait} must be > 0 seconds.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1).")
         if self.max_documents is not None and self.max_documents < 1:

@@ -11,6 +11,7 @@ from gf_jax.batch import Batch
 from gf_jax.data.config import MODES, check_choice
 from gf_jax.data.iterator import default_process, token_arrays
 from gf_jax.data.packing import RowLayout, assemble_rows
+from gf_jax.data.shuffle import IdentityOrder
 
 
 def eval_batches(tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: int, pad_id: int = 0,
@@ -30,7 +31,7 @@ def eval_batches(tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: in
     tokens, lengths = token_arrays(tokens)
     if not len(tokens):
         raise ValueError("there are no documents to evaluate; set data.validation_fraction > 0 or check the data.")
-    layout = RowLayout(lengths, np.arange(len(tokens)), seq_len, mode)
+    layout = RowLayout(lengths, IdentityOrder(len(tokens)), seq_len, mode)
     local = global_batch // pc
     for b in range(math.ceil(layout.num_rows / global_batch)):
         first = b * global_batch + pi * local

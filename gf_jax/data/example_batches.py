@@ -43,6 +43,9 @@ class ExampleLayout:
         picked = self.order[self.row_firsts[r]:self.row_firsts[r + 1]]
         return [(int(d), 0, int(self.lengths[d])) for d in picked]
 
+    def rows(self, r_R) -> list[list[tuple[int, int, int]]]:
+        return [self.row(int(r)) for r in r_R]
+
 
 def layout_of(lengths: np.ndarray, order: np.ndarray, seq_len: int, mode: str):
     """``packed``: several whole examples per row; ``document``: one example per row."""
@@ -75,8 +78,7 @@ class ExampleIterator(BatchIterator):
         super().__init__(tokens, with_doc_ids=True, **kw)  # supervise() looks targets up by example id
 
     def _layout(self, epoch: int):
-        n = len(self.tokens)
-        order = self._rng(epoch, 1).permutation(n) if self.shuffle else np.arange(n)
+        order = self._order(len(self.tokens), epoch, 1)[:]  # as an array: examples are few, packing walks them all
         return layout_of(self.lengths, order, self.seq_len, self.mode)
 
     def batch(self, step: int) -> Batch:
@@ -98,7 +100,8 @@ def make_example_iterator(config: DataConfig, tokenizer, *, global_batch: int, s
     return ExampleIterator(encoded.tokens, encoded.supervised, global_batch=global_batch, seq_len=seq_len,
                            seed=config.seed, process_index=pi, process_count=pc, mode=config.mode,
                            pad_id=tokenizer.pad_id, shuffle=config.shuffle, prefetch=prefetch,
-                           with_doc_ids=with_doc_ids, context=config.row_context, documents=mine)
+                           with_doc_ids=with_doc_ids, context=config.row_context, documents=mine,
+                           shuffle_algorithm=config.shuffle_algorithm)
 
 
 def example_eval_batches(encoded: EncodedExamples, *, global_batch: int, seq_len: int, pad_id: int = 0,

@@ -3,6 +3,10 @@
 Every row is computed by index arithmetic from (seed, epoch, row), so batch ``s`` is a pure
 function of ``(seed, s)`` and resuming is "set the step". A background thread computes the next
 batches; that is all the host work there is, because tokenization happens once up front.
+
+An epoch's document and row orders come from ``gf_jax.data.shuffle``: lazy Feistel bijections
+for new runs (no memory per row or per document), numpy permutations for runs whose checkpoints
+were saved with them (``shuffle_algorithm`` in the state; ``auto`` follows it on resume).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 from gf_jax.batch import Batch
 from gf_jax.data.config import MODES, check_choice
 from gf_jax.data.packing import RowLayout, assemble_rows
+from gf_jax.data.shuffle import ALGORITHMS, CHUNK, epoch_order, resolve_algorithm
 from gf_jax.data.sources import Document
 
 
@@ -34,9 +39,9 @@ def default_process(process_index: int | None, process_count: int | None) -> tup
 
 def token_arrays(tokens) -> tuple[Sequence[np.ndarray], np.ndarray]:
     """(token arrays, lengths_N): a store's memory-mapped view is kept as it is (rows read only the
-    documents they hold); anything else becomes a list of int32 arrays."""
+    documents they hold; its lengths stay int32); anything else becomes a list of int32 arrays."""
     if hasattr(tokens, "lengths"):
-        return tokens, np.asarray(tokens.lengths, np.int64)
+        return tokens, np.asarray(tokens.lengths)
     arrays = [np.asarray(t, np.int32) for t in tokens]
     return arrays, np.array([len(t) for t in arrays], np.int64)
 
@@ -56,20 +61,25 @@ class BatchIterator:
       mode: ``packed`` or ``document``.
       pad_id: id written in padding.
       shuffle: new document and row order each epoch (False: stream order).
+      shuffle_algorithm: ``feistel`` (lazy bijections), ``permutation`` (numpy permutations, the
+        order of runs started before this setting existed) or ``auto`` (``feistel``, or on
+        ``set_state`` whatever the saved state was made with).
       prefetch: batches computed ahead on a background thread (0: none).
       with_doc_ids: fill ``doc_ids_BxT`` (index into ``tokens`` of each input, -1 = padding).
       context: C, the width of each batch's ``context_BxC`` (0: none; see ``DataConfig.row_context``).
       documents: optional, the ``Document`` of each token array (so ``documents[doc_ids_BxT]``
         names what a row holds); kept as the ``documents`` attribute.
 
-    ``get_state()`` is ``{"step": s, "fingerprint": ...}``; ``set_state`` resumes exactly there.
+    ``get_state()`` is ``{"step": s, "fingerprint": ..., "shuffle_algorithm": ...}``; ``set_state``
+    resumes exactly there.
     """
 
     def __init__(self, tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: int, seed: int = 0,
                  process_index: int | None = None, process_count: int | None = None, mode: str = "packed",
                  pad_id: int = 0, shuffle: bool = True, prefetch: int = 2, with_doc_ids: bool = False,
-                 context: int = 0, documents: Sequence[Document] | None = None):
+                 context: int = 0, documents: Sequence[Document] | None = None, shuffle_algorithm: str = "auto"):
         check_choice("mode", mode, MODES)
+        check_choice("shuffle_algorithm", shuffle_algorithm, ALGORITHMS)
         self.process_index, self.process_count = default_process(process_index, process_count)
         if global_batch % self.process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by the {self.process_count} "
@@ -87,9 +97,11 @@ class BatchIterator:
         self.global_batch, self.local_batch, self.seq_len = global_batch, global_batch // self.process_count, seq_len
         self.seed, self.mode, self.pad_id, self.shuffle = int(seed), mode, int(pad_id), bool(shuffle)
         self.with_doc_ids, self.prefetch, self.context = with_doc_ids, int(prefetch), int(context)
-        self.rows_per_epoch = self._layout(0).num_rows
-        self._epoch_cache: dict[int, tuple[RowLayout, np.ndarray]] = {}
+        self.configured_algorithm = shuffle_algorithm
+        self.shuffle_algorithm = "feistel" if shuffle_algorithm == "auto" else shuffle_algorithm
+        self._epoch_cache: dict[int, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
+        self.rows_per_epoch = self._epoch(0)[0].num_rows
         self._step = 0
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -99,26 +111,27 @@ class BatchIterator:
     def _fingerprint(self) -> str:
         """Hash of what decides the batches (not ``context``, which only adds a field): a resumed
         run with another value here would silently see other batches."""
-        h = hashlib.sha256(self.lengths.tobytes())
+        h = hashlib.sha256()
+        for a in range(0, len(self.lengths), CHUNK):  # the int64 bytes, as before lengths were int32
+            h.update(self.lengths[a:a + CHUNK].astype(np.int64).tobytes())
         h.update(repr((self.seed, self.process_index, self.process_count, self.global_batch, self.seq_len,
                        self.mode, self.shuffle)).encode())
         return h.hexdigest()[:16]
 
     # -- pure part ---------------------------------------------------------------------------
-    def _rng(self, epoch: int, tag: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.process_index, epoch, tag])
+    def _order(self, n: int, epoch: int, tag: int):
+        """The epoch's order of n elements: tag 1 orders the documents, tag 2 the rows."""
+        return epoch_order(n, (self.seed, self.process_index, epoch, tag), self.shuffle_algorithm, self.shuffle)
 
     def _layout(self, epoch: int) -> RowLayout:
-        n = len(self.tokens)
-        order = self._rng(epoch, 1).permutation(n) if self.shuffle else np.arange(n)
-        return RowLayout(self.lengths, order, self.seq_len, self.mode)
+        return RowLayout(self.lengths, self._order(len(self.tokens), epoch, 1), self.seq_len, self.mode)
 
-    def _epoch(self, epoch: int) -> tuple[RowLayout, np.ndarray]:
+    def _epoch(self, epoch: int) -> tuple[RowLayout, Any]:
+        """(layout, row order) of ``epoch``; the two latest are cached."""
         with self._lock:  # the prefetch thread and direct batch() calls share the cache
             if epoch not in self._epoch_cache:
                 layout = self._layout(epoch)
-                n = layout.num_rows
-                rows = self._rng(epoch, 2).permutation(n) if self.shuffle else np.arange(n)
+                rows = self._order(layout.num_rows, epoch, 2)
                 if len(self._epoch_cache) >= 2:
                     self._epoch_cache.pop(min(self._epoch_cache))
                 self._epoch_cache[epoch] = (layout, rows)
@@ -130,10 +143,12 @@ class BatchIterator:
 
     def batch(self, step: int) -> Batch:
         """The local batch of ``step`` (random access, thread-safe)."""
+        g_B = np.arange(step * self.local_batch, (step + 1) * self.local_batch, dtype=np.int64)
+        epoch_B = g_B // self.rows_per_epoch
         rows = []
-        for g in range(step * self.local_batch, (step + 1) * self.local_batch):
-            layout, perm = self._epoch(g // self.rows_per_epoch)
-            rows.append(layout.row(int(perm[g % self.rows_per_epoch])))
+        for epoch in np.unique(epoch_B).tolist():  # a batch spans at most a few epochs
+            layout, order = self._epoch(epoch)
+            rows += layout.rows(np.asarray(order[g_B[epoch_B == epoch] % self.rows_per_epoch], np.int64))
         return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids, self.context)
 
     # -- iteration, prefetch and state --------------------------------------------------------
@@ -189,20 +204,33 @@ class BatchIterator:
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable state for checkpoints."""
-        return {"step": int(self._step), "fingerprint": self.fingerprint}
+        return {"step": int(self._step), "fingerprint": self.fingerprint, "shuffle_algorithm": self.shuffle_algorithm}
 
     def set_state(self, state: dict[str, Any], strict: bool = True) -> None:
         """Resume: the next batch is the one an uninterrupted run sees at ``state["step"]``.
 
         With ``strict`` a state saved for other data or settings (documents, seed, batch, T,
-        processes) is refused, because resuming it would silently change the batches.
+        processes, an explicit other ``shuffle_algorithm``) is refused, because resuming it would
+        silently change the batches. With ``auto`` the iterator takes the state's algorithm (a
+        state without one was saved before the setting existed: ``permutation``).
         """
         fp = state.get("fingerprint")
         if strict and fp is not None and fp != self.fingerprint:
             raise ValueError("the data iterator state in the checkpoint was saved for different data or settings "
                              "(documents, seed, batch size, seq_len or process count); resume with the same data "
                              "config, or pass strict=False to accept different batches.")
+        try:
+            algorithm = resolve_algorithm(self.configured_algorithm, state.get("shuffle_algorithm"))
+        except ValueError:
+            if strict and self.shuffle:
+                raise
+            algorithm = self.shuffle_algorithm
         self.close()
+        if algorithm != self.shuffle_algorithm:
+            with self._lock:
+                self.shuffle_algorithm = algorithm
+                self._epoch_cache.clear()
+            self.rows_per_epoch = self._epoch(0)[0].num_rows  # examples' row counts depend on the order
         self._step = int(state["step"])
 
 

@@ -15,55 +15,91 @@ from collections.abc import Sequence
 import numpy as np
 
 from gf_jax.batch import Batch
+from gf_jax.data.shuffle import IdentityOrder, gather_chunks
 
 # A piece of a row: (document index, first token, end token) in document coordinates.
 Piece = tuple[int, int, int]
+
+
+def index_dtype(max_value: int):
+    """int32 when every value fits (half the memory of int64), else int64."""
+    return np.int32 if max_value < 2**31 else np.int64
+
+
+def prefix_sums(chunks, n: int, total: int) -> np.ndarray:
+    """``[0, cumsum(concatenate(chunks))]`` (n + 1 entries, the last ``total``), built chunk by
+    chunk in the smallest dtype that holds ``total``: no int64 temporary of the whole length."""
+    out_N1 = np.zeros(n + 1, index_dtype(total))
+    at, carry = 1, 0
+    for values in chunks:
+        sums = np.cumsum(values, dtype=np.int64) + carry
+        out_N1[at:at + len(sums)] = sums
+        at += len(sums)
+        carry = int(sums[-1]) if len(sums) else carry
+    return out_N1
 
 
 class RowLayout:
     """Rows of one epoch: documents in ``order``, cut into rows of T+1 tokens with stride T.
 
     ``packed``: the documents form one stream; ``document``: each document is cut on its own.
+    ``order`` is anything indexable like an int array (an array, or a lazy
+    ``gf_jax.data.shuffle`` order); the layout keeps one prefix-sum array (int32 where it fits),
+    4-8 bytes per document, and reads the order only where a row needs it.
     """
 
-    def __init__(self, lengths: np.ndarray, order: np.ndarray, seq_len: int, mode: str):
-        self.order, self.T, self.mode = order, seq_len, mode
-        lens = lengths[order].astype(np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(lens)])  # stream offset of each doc, + total
+    def __init__(self, lengths: np.ndarray, order, seq_len: int, mode: str):
+        self.lengths, self.order, self.T, self.mode = lengths, order, seq_len, mode
+        total = int(np.sum(lengths, dtype=np.int64))
         if mode == "packed":
-            total = int(self.starts[-1])
+            # Stream offset of each document in this order, and the total at the end.
+            self.starts = prefix_sums(gather_chunks(order, lengths), len(order), total)
             self.num_rows = max(1, -(-(total - 1) // seq_len))
         else:
-            chunks = np.maximum(0, -(-(lens - 1) // seq_len))
-            self.row_starts = np.concatenate([[0], np.cumsum(chunks)])  # first row of each doc
+            pieces = (np.maximum(0, -(-(n.astype(np.int64) - 1) // seq_len)) for n in gather_chunks(order, lengths))
+            self.row_starts = prefix_sums(pieces, len(order), total)  # first row of each document
             self.num_rows = int(self.row_starts[-1])
 
     def row(self, r: int) -> list[Piece]:
         """Pieces of row r: (document index, first token, end token) in document coordinates."""
+        return self.rows([r])[0]
+
+    def rows(self, r_R) -> list[list[Piece]]:
+        """Pieces of each row in ``r_R``, looking the order up once for all of them."""
+        r_R = np.asarray(r_R, np.int64)
         T = self.T
+        # The needles take the prefix sums' dtype: searchsorted would otherwise cast the whole array.
         if self.mode == "document":
-            k = int(np.searchsorted(self.row_starts, r, "right")) - 1
-            c = r - int(self.row_starts[k])
-            doc_len = int(self.starts[k + 1] - self.starts[k])
-            return [(int(self.order[k]), c * T, min(c * T + T + 1, doc_len))]
-        a = r * T
-        b = min(a + T + 1, int(self.starts[-1]))
-        k0 = int(np.searchsorted(self.starts, a, "right")) - 1
-        k1 = int(np.searchsorted(self.starts, b - 1, "right")) - 1
-        pieces = []
-        for k in range(k0, k1 + 1):
-            s = int(self.starts[k])
-            lo, hi = max(a, s) - s, min(b, int(self.starts[k + 1])) - s
-            if hi > lo:
-                pieces.append((int(self.order[k]), lo, hi))
-        return pieces
+            k_R = np.searchsorted(self.row_starts, r_R.astype(self.row_starts.dtype), "right") - 1
+            piece_R = r_R - self.row_starts[k_R]
+            doc_R = np.asarray(self.order[k_R], np.int64)
+            return [[(d, c * T, min(c * T + T + 1, n))]
+                    for d, c, n in zip(doc_R.tolist(), piece_R.tolist(), self.lengths[doc_R].tolist())]
+        total = int(self.starts[-1])
+        a_R = r_R * T
+        b_R = np.minimum(a_R + T + 1, total)
+        k0_R = np.searchsorted(self.starts, a_R.astype(self.starts.dtype), "right") - 1
+        k1_R = np.searchsorted(self.starts, (b_R - 1).astype(self.starts.dtype), "right") - 1
+        k_P = np.concatenate([np.arange(k0, k1 + 1) for k0, k1 in zip(k0_R.tolist(), k1_R.tolist())] or [[]])
+        k_P = k_P.astype(np.int64)
+        doc_of = dict(zip(k_P.tolist(), np.asarray(self.order[k_P], np.int64).tolist()))
+        out = []
+        for a, b, k0, k1 in zip(a_R.tolist(), b_R.tolist(), k0_R.tolist(), k1_R.tolist()):
+            pieces = []
+            for k in range(k0, k1 + 1):
+                s, e = int(self.starts[k]), int(self.starts[k + 1])
+                lo, hi = max(a, s) - s, min(b, e) - s
+                if hi > lo:
+                    pieces.append((doc_of[k], lo, hi))
+            out.append(pieces)
+        return out
 
 
 def rows_per_epoch(lengths: Sequence[int], seq_len: int, mode: str) -> int:
     """Rows of T+1 tokens (T = ``seq_len``) that one pass over documents of these token counts
     makes in ``mode`` (the same in every epoch: the order does not change the count)."""
     lengths = np.asarray(lengths, np.int64)
-    return RowLayout(lengths, np.arange(len(lengths)), seq_len, mode).num_rows
+    return RowLayout(lengths, IdentityOrder(len(lengths)), seq_len, mode).num_rows
 
 
 def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[Piece]], seq_len: int, pad_id: int,

@@ -45,7 +45,8 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
     tokens = tokenize_documents(docs, tokenizer, config.add_bos, config.add_eos)
     return BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed, process_index=pi,
                          process_count=pc, mode=config.mode, pad_id=tokenizer.pad_id, shuffle=config.shuffle,
-                         prefetch=prefetch, with_doc_ids=with_doc_ids, context=config.row_context, documents=docs)
+                         prefetch=prefetch, with_doc_ids=with_doc_ids, context=config.row_context, documents=docs,
+                         shuffle_algorithm=config.shuffle_algorithm)
 
 
 def _store_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len: int, split: str,
@@ -63,7 +64,8 @@ def _store_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len
     return BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed,
                          process_index=process_index, process_count=process_count, mode=config.mode,
                          pad_id=tokenizer.pad_id, shuffle=config.shuffle, prefetch=prefetch,
-                         with_doc_ids=with_doc_ids, context=config.row_context, documents=tokens.documents)
+                         with_doc_ids=with_doc_ids, context=config.row_context, documents=tokens.documents,
+                         shuffle_algorithm=config.shuffle_algorithm)
 
 
 def validation_tokens(config: DataConfig, tokenizer):

@@ -34,17 +34,60 @@ SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: few files, each well unde
 BATCH_CHARS = 1 << 20  # text per worker task: large enough to amortise pickling, small for a steady ETA
 
 
-def ensure_store(config: DataConfig, tokenizer, *, workers: int | None = None, progress: bool = True) -> TokenStore:
+def ensure_store(config: DataConfig, tokenizer, *, workers: int | None = None, progress: bool = True,
+                 process_index: int | None = None, process_count: int | None = None) -> TokenStore:
     """The store of ``config`` and ``tokenizer``: opened if a matching one exists, else prepared
-    first. A store at ``data.store_dir`` with other settings is refused (one sentence, the difference)."""
+    first. A store at ``data.store_dir`` with other settings is refused (one sentence, the difference).
+
+    In a multi-process run (``process_index``/``process_count``, default ``jax.process_index()`` /
+    ``jax.process_count()``) only process 0 prepares a missing store; the others wait for its
+    manifest (``wait_for_store``), so the store must be on storage every host sees.
+    """
     settings = store_settings(config, tokenizer)
     path = store_path(config, settings)
     manifest = read_manifest(path)
     if manifest is None:
-        prepare_store(config, tokenizer, path=path, workers=workers, progress=progress, settings=settings)
-        manifest = read_manifest(path)
+        from gf_jax.data.iterator import default_process
+
+        process_index, process_count = default_process(process_index, process_count)
+        if process_index == 0:
+            prepare_store(config, tokenizer, path=path, workers=workers, progress=progress, settings=settings)
+            manifest = read_manifest(path)
+        else:
+            manifest = wait_for_store(path, process_index, config.store_wait)
     check_settings(path, manifest, settings)
     return TokenStore(path, manifest)
+
+
+WAIT_POLL_SECONDS = 5.0  # how often a waiting process looks for the manifest
+WAIT_NOTE_SECONDS = 300.0  # how often it says that it is still waiting
+
+
+def wait_for_store(path: str, process_index: int, timeout: float) -> dict:
+    """The manifest of the store that process 0 is preparing at ``path``, once it is there (it is
+    written last, so its presence means the store is complete); a one-sentence error after
+    ``timeout`` seconds."""
+    start = time.monotonic()
+    notes = 1
+    while True:
+        try:
+            manifest = read_manifest(path)
+        except ValueError:  # an object store showing a manifest mid-upload: look again
+            manifest = None
+        if manifest is not None:
+            return manifest
+        waited = time.monotonic() - start
+        if waited > timeout:
+            raise ValueError(f"process {process_index} waited {waited:.0f} s for process 0 to prepare the tokenized "
+                             f"store {path}; put data.store_dir on storage that every host sees (a gs:// bucket or a "
+                             "shared folder), prepare it first with `python -m gf_jax.data prepare --config C`, or "
+                             "raise data.store_wait.")
+        if waited >= notes * WAIT_NOTE_SECONDS:
+            notes += 1
+            print(f"[gf_jax.data] process {process_index}: waiting {waited:.0f} s so far for process 0 to prepare "
+                  f"the tokenized store {path} (gives up after data.store_wait={timeout:.0f} s)", file=sys.stderr,
+                  flush=True)
+        time.sleep(min(WAIT_POLL_SECONDS, max(0.0, timeout - waited) + 0.01))
 
 
 def default_workers(config: DataConfig) -> int:

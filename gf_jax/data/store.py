@@ -11,8 +11,10 @@ Layout of a store folder (all arrays raw little-endian, dtypes in the manifest):
     manifest.json          written last: settings (tokenizer fingerprint, source, BOS/EOS), counts,
                            shards. A folder without it is an unfinished prepare, never a store.
 
-A reader touches only the pages of the documents it reads, so start-up and memory do not grow
-with the corpus (index arrays are 8-24 bytes per document of this process's share).
+A reader touches only the pages of the documents it reads; the per-document index a process
+keeps is 8 bytes per document of its share (``StoreTokens``: an int32 reference and an int32
+length), read from the index files in windows rather than through their memory maps, so a scan
+over them leaves no mapped pages behind.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from gf_jax import rundir
 from gf_jax.data.config import DataConfig
+from gf_jax.data.shuffle import CHUNK
 from gf_jax.data.sources import Document, source_files
 
 FORMAT = 1
@@ -136,8 +139,9 @@ def _copy_stream(src: str, dst: str) -> None:
 
 
 class TokenStore:
-    """A complete store, memory-mapped. ``gs://`` stores are copied to a local cache file by file,
-    on first use, so a process fetches only the shards that hold its share.
+    """A complete store, memory-mapped. ``gs://`` stores are copied to a local cache
+    (``cache_dir``, default ``.cache/stores/remote``) file by file, on first use, so a process
+    fetches only the shards that hold its share.
 
     ``tokens(d)`` is document d's tokens (a read-only view of the shard, no copy).
     """
@@ -148,8 +152,11 @@ class TokenStore:
         if self.manifest is None:
             raise FileNotFoundError(f"{path} is not a complete tokenized store (no {MANIFEST}); run "
                                     "`python -m gf_jax.data prepare --config C` or set data.store=auto.")
+        # A remote store's local copy is keyed by its path and manifest: a store prepared again at
+        # the same URL (other settings, other corpus) never reads the files cached for the old one.
+        key = hashlib.sha256(json.dumps([path, self.manifest], sort_keys=True).encode()).hexdigest()[:16]
         self.local = path if not rundir.is_url(path) else os.path.join(
-            cache_dir or os.path.join(".cache", "stores", "remote"), hashlib.sha256(path.encode()).hexdigest()[:16])
+            cache_dir or os.path.join(".cache", "stores", "remote"), key)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.num_documents = int(self.manifest["documents"])
         self.offsets = self._map("offsets.bin", np.int64)
@@ -186,10 +193,29 @@ class TokenStore:
         first = int(self.shard_first_token[k])
         return self.shard(k)[a - first:b - first]
 
+    def _read(self, name: str, dtype, first: int, stop: int) -> np.ndarray:
+        """Entries ``[first, stop)`` of an index file, read (not mapped): a bulk scan then leaves
+        no mapped pages in this process."""
+        dtype = np.dtype(dtype)
+        with open(self._file(name), "rb") as fh:
+            fh.seek(first * dtype.itemsize)
+            return np.fromfile(fh, dtype, count=stop - first)
+
+    def _gather(self, name: str, mapped: np.ndarray, docs_N: np.ndarray, extra: int = 0) -> tuple[np.ndarray, int]:
+        """(window, first): entries ``first .. max(docs_N) + extra`` of an index file, read in one
+        piece when ``docs_N`` is dense (a process's share is a contiguous run of documents)."""
+        first, last = int(docs_N.min()), int(docs_N.max()) + extra
+        if last - first > 4 * len(docs_N) + 4096:  # scattered: a window would read mostly unneeded entries
+            return mapped, 0
+        return self._read(name, mapped.dtype, first, last + 1), first
+
     def lengths(self, docs_N: np.ndarray) -> np.ndarray:
         """Token counts of documents ``docs_N`` (int64)."""
         docs_N = np.asarray(docs_N, np.int64)
-        return (self.offsets[docs_N + 1] - self.offsets[docs_N]).astype(np.int64)
+        if not len(docs_N):
+            return np.zeros(0, np.int64)
+        offsets, first = self._gather("offsets.bin", self.offsets, docs_N, extra=1)
+        return (offsets[docs_N - first + 1] - offsets[docs_N - first]).astype(np.int64)
 
     def doc_id(self, d: int) -> str:
         return bytes(self.ids[int(self.id_offsets[d]):int(self.id_offsets[d + 1])]).decode("utf-8")
@@ -198,8 +224,12 @@ class TokenStore:
         """``split_of(id) == "validation"`` for documents ``docs_N``, from the stored id hashes."""
         if validation_fraction <= 0:
             return np.zeros(len(docs_N), bool)
+        docs_N = np.asarray(docs_N, np.int64)
+        if not len(docs_N):
+            return np.zeros(0, bool)
+        hashes, first = self._gather("split_hashes.bin", self.split_hashes, docs_N)
         # Same arithmetic as split_of: the 64-bit integer rounded to float64, over 2**64.
-        return self.split_hashes[np.asarray(docs_N, np.int64)].astype(np.float64) / 2.0**64 < validation_fraction
+        return hashes[docs_N - first].astype(np.float64) / 2.0**64 < validation_fraction
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +242,9 @@ class StoreTokens(Sequence):
     ``canaries[c]``. What ``BatchIterator`` and ``eval_batches`` read rows from: a row copies only
     the tokens it holds, and canary copies are indices, not copies of the corpus.
 
-    Attributes: ``lengths`` (int64 per entry), ``documents`` (lazy ``Document``s, texts decoded
-    from the tokens with ``tokenizer`` when given).
+    Attributes: ``lengths`` (int32 per entry), ``documents`` (lazy ``Document``s, texts decoded
+    from the tokens with ``tokenizer`` when given). ``refs_N`` keeps its integer dtype (int32 from
+    ``gf_jax.data.stored``).
     """
 
     store: TokenStore
@@ -223,12 +254,21 @@ class StoreTokens(Sequence):
     tokenizer: Any = None
 
     def __post_init__(self):
-        self.refs_N = np.asarray(self.refs_N, np.int64)
-        is_store = self.refs_N >= 0
-        self.lengths = np.zeros(len(self.refs_N), np.int64)
-        self.lengths[is_store] = self.store.lengths(self.refs_N[is_store])
+        self.refs_N = np.asarray(self.refs_N)
+        if self.refs_N.dtype.kind != "i":
+            self.refs_N = self.refs_N.astype(np.int64)
         canary_len = np.array([len(t) for t in self.canary_tokens] or [0], np.int64)
-        self.lengths[~is_store] = canary_len[-1 - self.refs_N[~is_store]]
+        self.lengths = np.empty(len(self.refs_N), np.int32)
+        for a in range(0, len(self.refs_N), CHUNK):  # bounded int64 temporaries
+            refs = self.refs_N[a:a + CHUNK].astype(np.int64)
+            is_store = refs >= 0
+            lengths = np.empty(len(refs), np.int64)
+            lengths[is_store] = self.store.lengths(refs[is_store])
+            lengths[~is_store] = canary_len[-1 - refs[~is_store]]
+            if len(lengths) and lengths.max() >= 2**31:
+                raise ValueError(f"a document of {self.store.path} has {int(lengths.max())} tokens, more than "
+                                 "2**31 - 1; split such documents into smaller ones in the source.")
+            self.lengths[a:a + len(refs)] = lengths
         self.documents = StoreDocuments(self)
 
     def __len__(self) -> int:

@@ -12,6 +12,8 @@ import numpy as np
 
 from gf_jax.data.canaries import canary_places, load_canaries, stream_refs
 from gf_jax.data.config import DataConfig
+from gf_jax.data.packing import index_dtype
+from gf_jax.data.shuffle import CHUNK
 from gf_jax.data.splits import process_share
 from gf_jax.data.store import StoreTokens, TokenStore
 from gf_jax.data.tokens import tokenize_documents
@@ -47,16 +49,31 @@ def process_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str,
     """This process's documents of ``split`` (its contiguous share of the stream), by reference."""
     injected, canary_tokens, places_K, canary_K = _canaries(config, tokenizer, store)
     share = process_share(store.num_documents + len(places_K), process_index, process_count)
-    refs_N = stream_refs(share, places_K, canary_K)
-    return StoreTokens(store, _keep_split(refs_N, store, split, config.validation_fraction), canary_tokens, injected,
-                       tokenizer)
+    refs_N = _split_refs(share, lambda part: stream_refs(part, places_K, canary_K), store, split,
+                         config.validation_fraction)
+    return StoreTokens(store, refs_N, canary_tokens, injected, tokenizer)
 
 
 def split_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str) -> StoreTokens:
     """Every background document of ``split`` in store order (no canaries): evaluation's list,
     the same on every process (``eval_batches`` deals the rows out)."""
-    refs_N = _keep_split(np.arange(store.num_documents, dtype=np.int64), store, split, config.validation_fraction)
+    refs_N = _split_refs(range(store.num_documents), lambda part: np.arange(part.start, part.stop, dtype=np.int64),
+                         store, split, config.validation_fraction)
     return StoreTokens(store, refs_N, tokenizer=tokenizer)
+
+
+def _split_refs(stream: range, refs_of, store: TokenStore, split: str, validation_fraction: float) -> np.ndarray:
+    """The references of ``split`` among ``refs_of(part)`` over consecutive parts of ``stream``,
+    as int32 (int64 past 2**31 documents), computed a chunk at a time. The result is a prefix of
+    an array sized for the whole stream: the pages of the unused tail are never touched, so they
+    cost no memory."""
+    out_N = np.empty(len(stream), index_dtype(max(store.num_documents, len(stream)) + 1))
+    n = 0
+    for a in range(stream.start, stream.stop, CHUNK):
+        kept_N = _keep_split(refs_of(range(a, min(a + CHUNK, stream.stop))), store, split, validation_fraction)
+        out_N[n:n + len(kept_N)] = kept_N
+        n += len(kept_N)
+    return out_N[:n]
 
 
 def _keep_split(refs_N: np.ndarray, store: TokenStore, split: str, validation_fraction: float) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""The orders of an epoch: which document comes k-th, which row is served j-th.
+
+``feistel`` (new runs): a keyed Feistel network over the smallest power of two that holds n,
+with cycle-walking (a value that lands outside [0, n) is encrypted again until it is inside),
+which makes it a bijection of [0, n) computed for any index on demand. An epoch's order costs
+no memory, whatever the corpus size, and any window of it is a vectorised numpy computation.
+
+``permutation``: numpy's ``Generator.permutation``, materialised (8 bytes per element). It is the
+order of every run started before ``data.shuffle_algorithm`` existed, kept so that those runs
+resume with their own batches (see ``resolve_algorithm``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+ALGORITHMS = ("auto", "feistel", "permutation")
+# A run's checkpoint without the key was saved before it existed, i.e. with ``permutation``.
+LEGACY = "permutation"
+ROUNDS = 6  # 4 make a strong pseudo-random permutation with random round functions; 2 more for margin
+CHUNK = 1 << 16  # elements per vectorised step over an order or an index: temporaries stay in the cache
+
+
+def _mix(x_N: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place: every output bit depends on every input bit (wrapping
+    uint64 maths)."""
+    x_N ^= x_N >> np.uint64(30)
+    x_N *= np.uint64(0xBF58476D1CE4E5B9)
+    x_N ^= x_N >> np.uint64(27)
+    x_N *= np.uint64(0x94D049BB133111EB)
+    x_N ^= x_N >> np.uint64(31)
+    return x_N
+
+
+class FeistelPermutation:
+    """A keyed bijection of ``[0, n)``, evaluated lazily: ``perm[i]``, ``perm[a:b]``, ``perm[index_N]``.
+
+    The domain is ``2**bits`` with ``bits = bit_length(n - 1)``, so fewer than half of its values
+    fall outside [0, n): the cycle-walk takes under two encryptions on average. The halves are
+    ``ceil(bits / 2)`` and ``floor(bits / 2)`` bits (an unbalanced network; each round swaps the
+    widths), so odd bit counts need no padding. ``key`` (any ints) picks the permutation.
+    """
+
+    def __init__(self, n: int, key: Sequence[int]):
+        if n < 0 or n >= 1 << 62:
+            raise ValueError(f"a Feistel permutation needs 0 <= n < 2**62, got {n}.")
+        self.n = int(n)
+        bits = max(1, (self.n - 1).bit_length())
+        self.left_bits, self.right_bits = (bits + 1) // 2, bits // 2
+        digest = hashlib.sha512(repr(("gf_jax.feistel", *map(int, key))).encode()).digest()
+        self.keys = np.frombuffer(digest, "<u8")[:ROUNDS].astype(np.uint64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _encrypt(self, x_N: np.ndarray) -> np.ndarray:
+        """One pass of the network over the 2**bits domain (uint64 in, uint64 out)."""
+        wl, wr = self.left_bits, self.right_bits
+        left_N, right_N = x_N >> np.uint64(wr), x_N & np.uint64((1 << wr) - 1)
+        for key in self.keys:
+            # (L, R) -> (R, L ^ F(R)): invertible whatever F is, so each round is a bijection.
+            f_N = _mix(right_N ^ key)
+            f_N &= np.uint64((1 << wl) - 1)
+            f_N ^= left_N
+            left_N, right_N = right_N, f_N
+            wl, wr = wr, wl
+        left_N <<= np.uint64(wr)
+        left_N |= right_N
+        return left_N
+
+    def __call__(self, index_N) -> np.ndarray:
+        """The images of ``index_N`` (int64, same shape); every index must be in [0, n)."""
+        index_N = np.asarray(index_N, np.int64)
+        if index_N.size and (index_N.min() < 0 or index_N.max() >= self.n):
+            raise IndexError(f"index out of range [0, {self.n}).")
+        out_N = self._encrypt(index_N.astype(np.uint64).ravel())
+        walk_N = np.flatnonzero(out_N >= self.n)
+        while len(walk_N):  # cycle-walking: re-encrypt until inside [0, n) (a bijection of [0, n))
+            out_N[walk_N] = self._encrypt(out_N[walk_N])
+            walk_N = walk_N[out_N[walk_N] >= self.n]
+        return out_N.astype(np.int64).reshape(index_N.shape)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self(np.arange(*index.indices(self.n), dtype=np.int64))
+        if np.ndim(index) == 0:
+            return int(self(np.array([index], np.int64))[0])
+        return self(index)
+
+
+class IdentityOrder:
+    """``order[i] == i`` without an array (``data.shuffle: false``)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return np.arange(*index.indices(self.n), dtype=np.int64)
+        if np.ndim(index) == 0:
+            return int(index)
+        return np.asarray(index, np.int64)
+
+
+def epoch_order(n: int, key: Sequence[int], algorithm: str, shuffle: bool = True):
+    """The order of ``n`` elements for ``key`` (seed, process, epoch, tag): indexable like an array."""
+    if not shuffle:
+        return IdentityOrder(n)
+    if algorithm == "feistel":
+        return FeistelPermutation(n, key)
+    if algorithm == LEGACY:
+        return np.random.default_rng(list(key)).permutation(n)
+    raise ValueError(f"unknown shuffle algorithm {algorithm!r}; use one of feistel, {LEGACY}.")
+
+
+def resolve_algorithm(configured: str, saved: str | None) -> str:
+    """The algorithm a resumed iterator uses: ``auto`` takes the checkpoint's (``saved``; a state
+    without one predates the key: ``permutation``), an explicit setting must match it."""
+    saved = saved or LEGACY
+    if configured in ("auto", saved):
+        return saved
+    raise ValueError(f"the checkpoint's batches come from data.shuffle_algorithm={saved} but this run sets "
+                     f"{configured}; resume with data.shuffle_algorithm={saved} (or auto), or start a new run "
+                     "directory for the other order.")
+
+
+def gather_chunks(order, values_N: np.ndarray, chunk: int = CHUNK):
+    """``values_N[order[a:b]]`` for consecutive chunks of the order (bounded temporaries)."""
+    for a in range(0, len(order), chunk):
+        yield values_N[order[a:min(a + chunk, len(order))]]
