@@ -113,6 +113,26 @@ def test_packed_examples_are_whole_weighted_on_answers_with_the_same_goldfish_ho
     assert 0 < dropped < n_supervised / 2
 
 
+def test_packed_examples_every_epoch_holds_each_example_once():
+    # Lengths that greedy packing packs into a different number of rows in a different order:
+    # every epoch must still hold every example exactly once, and later epochs must not fail.
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 40, size=37)
+    tokens = [np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)]
+    supervised = [np.ones(n, bool) for n in lengths]
+    it = ExampleIterator(tokens, supervised, global_batch=1, seq_len=48, seed=5, process_index=0,
+                         process_count=1, mode="packed", prefetch=0, with_doc_ids=True)
+    rows = it.rows_per_epoch
+    for epoch in range(6):
+        seen = [b.doc_ids_BxT for b in (it.batch(s) for s in range(epoch * rows, (epoch + 1) * rows))]
+        ids_per_row = [np.unique(row[row >= 0]).tolist() for batch in seen for row in batch]
+        assert sorted(i for ids in ids_per_row for i in ids) == list(range(len(tokens))), epoch
+        if epoch == 0:
+            first = ids_per_row
+        elif epoch == 1:
+            assert ids_per_row != first  # the rows come in another order
+
+
 def test_prompt_targets_are_neither_kept_nor_dropped(tmp_path, tok):
     from gf_jax.loss import goldfish_sums
 

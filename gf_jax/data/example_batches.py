@@ -78,7 +78,11 @@ class ExampleIterator(BatchIterator):
         super().__init__(tokens, with_doc_ids=True, **kw)  # supervise() looks targets up by example id
 
     def _layout(self, epoch: int):
-        order = self._order(len(self.tokens), epoch, 1)[:]  # as an array: examples are few, packing walks them all
+        # Greedy packing gives another number of rows for another example order, but a step's
+        # epoch and row come from one fixed rows_per_epoch; so examples are packed once, in epoch
+        # 0's order, and every epoch shuffles those rows (tag 2 in BatchIterator._epoch). Each
+        # example is still seen once per epoch, and in a new position and batch.
+        order = self._order(len(self.tokens), 0 if self.mode == "packed" else epoch, 1)[:]
         return layout_of(self.lengths, order, self.seq_len, self.mode)
 
     def batch(self, step: int) -> Batch:
