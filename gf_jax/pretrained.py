@@ -64,8 +64,13 @@ def pretrained_tokenizer_path(spec: str) -> str:
 
 def load_init_params(spec: str, fns, model_config: ModelConfig):
     """The parameters of ``spec`` as this run's model state, on the run's shardings (``fns``:
-    gf_jax.step.StepFunctions)."""
-    return load_pretrained_params(spec, fns.abstract_model_state, fns.model_shardings, model_config)
+    gf_jax.step.StepFunctions). With ``model.lora``, the base parameters only (no adapters)."""
+    from gf_jax import lora
+
+    abstract, shardings = fns.abstract_model_state, fns.model_shardings
+    if model_config.lora.enabled:
+        abstract, shardings = lora.split(abstract)[0], lora.split(shardings)[0]
+    return load_pretrained_params(spec, abstract, shardings, model_config)
 
 
 def tokenizer_copy_path(run_dir: str, tokenizer) -> str:
