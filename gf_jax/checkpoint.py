@@ -265,13 +265,16 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype:
     """Restores a trained model from a run directory or a Hugging Face model directory.
 
     Args:
-      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``), or a local
-        Hugging Face directory (``config.json`` + safetensors; see ``gf_jax.hf``).
+      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``), a local
+        Hugging Face directory (``config.json`` + safetensors; see ``gf_jax.hf``), or a PEFT LoRA
+        adapter directory (``adapter_config.json``; ``gf_jax.hf.peft``) on ``base``.
       step: which checkpoint (default: the latest; an HF directory has only one).
       mesh: where to place the parameters (default: replicated on the first local device).
-      param_dtype: HF directories only: the parameters' dtype (default: the checkpoint's).
-      base: LoRA runs only: where their base model is now (default: the run's ``train.init_from``);
-        it must be the model the adapters were trained on (its fingerprint is checked).
+      param_dtype: HF directories (and the HF base of a PEFT directory) only: the parameters' dtype
+        (default: the checkpoint's).
+      base: LoRA runs and PEFT directories only: the base model (default: the run's
+        ``train.init_from``; a PEFT directory's ``base_model_name_or_path``); a run's base must be
+        the model its adapters were trained on (its fingerprint is checked).
 
     Returns:
       (model: gf_jax.model.Transformer, run_config: gf_jax.config.RunConfig, tokenizer).
@@ -279,9 +282,12 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype:
       base with the adapters applied (``gf_jax.lora.merged`` folds them into the weights).
     """
     from gf_jax.hf import is_hf_dir
+    from gf_jax.hf.peft import is_peft_dir, load_peft
 
     if is_hf_dir(run_dir):
         return _load_hf_model(run_dir, mesh=mesh, param_dtype=param_dtype)
+    if is_peft_dir(run_dir):
+        return load_peft(run_dir, base, mesh=mesh, param_dtype=param_dtype)
     return _load_run_model(run_dir, step, mesh=mesh, base=base)
 
 

@@ -198,13 +198,13 @@ def is_adapter_path(path: tuple) -> bool:
     return ADAPTERS in path
 
 
-def merged(model):
+def merged(model, param_dtype: str | None = None):
     """``model`` (a Transformer with adapters) as a Transformer without them whose weights are
-    ``W + (alpha / r) A B`` (computed in float32, stored in the base weight's dtype)."""
+    ``W + (alpha / r) A B``, computed in float32 and stored in ``param_dtype`` (default: the base's)."""
     from gf_jax.model import Transformer
 
     config = model.config
-    plain = dataclasses.replace(config, lora=LoRAConfig())
+    plain = dataclasses.replace(config, lora=LoRAConfig(), param_dtype=param_dtype or config.param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(plain, rngs=nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     updates = adapter_updates(flat, config.lora.scale)
@@ -212,8 +212,8 @@ def merged(model):
     for path, variable in nnx.to_flat_state(abstract):
         value = flat[path].get_value()
         if path in updates:
-            value = (value.astype(jnp.float32) + updates[path].reshape(value.shape)).astype(value.dtype)
-        leaves.append((path, variable.replace(value)))
+            value = value.astype(jnp.float32) + updates[path].reshape(value.shape)
+        leaves.append((path, variable.replace(value.astype(variable.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 

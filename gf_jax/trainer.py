@@ -102,6 +102,7 @@ class Trainer:
         self.run_dir = config.train.run_dir
         self._take_lock()  # before anything is read or written: one trainer per run directory
         config = pretrained.apply_init_from(config)  # the architecture (and tokenizer) of train.init_from
+        config = pretrained.apply_init_adapters(config)  # model.lora of train.init_adapters
         lora_lib.require_base(config)
         # A LoRA run records its base's identity with every checkpoint (and checks it at resume).
         self.base_fingerprint = lora_lib.fingerprint(config.train.init_from) if config.model.lora.enabled else None
@@ -204,6 +205,11 @@ class Trainer:
             if spec:
                 self.start_from(pretrained.load_init_params(spec, fns, self.config.model))
                 self.log(f"[gf_jax.train] parameters from {spec} (fresh optimizer)")
+            adapters = self.config.train.init_adapters
+            if adapters:
+                self.start_from(lora_lib.join(lora_lib.split(self.model_state)[0],
+                                              pretrained.load_init_adapters(adapters, fns)))
+                self.log(f"[gf_jax.train] LoRA adapters from {adapters}")
             return
         abstract_model = abstract_with_shardings(fns.abstract_model_state, fns.model_shardings)
         if self.base_fingerprint is not None:  # LoRA: the checkpoints hold the adapters only
