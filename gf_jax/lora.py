@@ -234,6 +234,25 @@ def adapter_updates(flat_state: dict, scale: float) -> dict:
     return updates
 
 
+def flops_per_token(model_config, seq_len: int) -> float:
+    """Training FLOPs per token (``gf_jax.model.flops_per_token``'s count) of a model whose
+    adapters alone train: the frozen weights get no weight gradient (2 of their 6 FLOPs per
+    parameter are skipped) and every adapter costs ``6 (I + O) r``. Without adapters, the full count."""
+    from gf_jax.model import flops_per_token as full_flops
+
+    full = full_flops(model_config, seq_len)
+    if not model_config.lora.enabled:
+        return full
+    c = model_config
+    attention = 12 * c.n_layers * c.n_heads * c.resolved_head_dim * seq_len
+    frozen = (full - attention) / 6  # the parameters that take part in matmuls
+    h, f, d = c.resolved_head_dim, c.d_ff, c.d_model
+    sizes = {"q": d + c.n_heads * h, "k": d + c.n_kv_heads * h, "v": d + c.n_kv_heads * h,
+             "o": c.n_heads * h + d, "gate": d + f, "up": d + f, "down": f + d}
+    adapters = c.n_layers * c.lora.rank * sum(sizes[t] for t in c.lora.targets)
+    return full - 2 * frozen + 6 * adapters
+
+
 # ---- the base a run's adapters belong to -------------------------------------------------------
 
 

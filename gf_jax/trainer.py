@@ -38,7 +38,6 @@ from gf_jax.config import RunConfig, save_config, to_dict
 from gf_jax.distributed import is_main_process
 from gf_jax.hooks import Hook, StopSignal
 from gf_jax.loss import LossSums
-from gf_jax.model import flops_per_token
 from gf_jax.runlock import RunDirInUse, RunLock
 from gf_jax.step import make_step_functions
 from gf_jax.tracker import NonFiniteLossError, Tracker, format_record, make_writers, peak_tflops
@@ -263,7 +262,7 @@ class Trainer:
         )
         self.tracker = Tracker(
             writers, tokens_per_step=t.global_batch * t.seq_len,
-            flops_per_token=flops_per_token(self.config.model, t.seq_len), n_devices=self.mesh.devices.size,
+            flops_per_token=lora_lib.flops_per_token(self.config.model, t.seq_len), n_devices=self.mesh.devices.size,
             peak=peak_tflops(self.mesh.devices.flat[0]),
             supervised_tokens=self.supervised_tokens_at_start, input_tokens=self.input_tokens_at_start,
         )

@@ -301,3 +301,15 @@ def test_peft_export_round_trips_and_training_continues_from_it(lora_run, tmp_pa
         assert_trees_equal(host(nnx.state(trainer.model, nnx.LoRAParam)), host(nnx.state(trained, nnx.LoRAParam)))
     finally:
         trainer.close()
+
+
+def test_flops_per_token_of_a_lora_step_skips_the_base_weight_gradients():
+    config = tiny(rank=4, targets=("q", "o", "down"))
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    flat = {path: variable for path, variable in nnx.to_flat_state(state)}
+    matmul = sum(v.size for p, v in flat.items() if p[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down",
+                                                             "lm_head"))
+    adapters = sum(v.size for p, v in flat.items() if "lora" in p)
+    attention = 12 * 2 * 4 * 8 * 16  # 12 L N H T
+    assert lora.flops_per_token(tiny(), 16) == 6 * matmul + attention
+    assert lora.flops_per_token(config, 16) == 4 * matmul + attention + 6 * adapters
