@@ -313,3 +313,18 @@ def test_flops_per_token_of_a_lora_step_skips_the_base_weight_gradients():
     attention = 12 * 2 * 4 * 8 * 16  # 12 L N H T
     assert lora.flops_per_token(tiny(), 16) == 6 * matmul + attention
     assert lora.flops_per_token(config, 16) == 4 * matmul + attention + 6 * adapters
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"use_dora": True}, r"has use_dora=True, which gf_jax's LoRA adapters cannot represent"),
+    ({"target_modules": "all-linear"}, r"has target_modules='all-linear'; gf_jax reads an explicit list"),
+    ({"target_modules": ["q_proj", "lm_head"]}, r"targets 'lm_head'; gf_jax's adapters go on q_proj, k_proj"),
+    ({"peft_type": "IA3"}, r"has peft_type='IA3'; gf_jax reads LORA adapters only"),
+])
+def test_peft_settings_the_adapters_cannot_represent_are_named(tmp_path, setting, message):
+    from gf_jax.hf.peft import adapter_config, read_adapter_config
+
+    values = {**adapter_config(lora.LoRAConfig(rank=8, targets=("q", "v")), "/models/base"), **setting}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=message):
+        read_adapter_config(str(tmp_path))
