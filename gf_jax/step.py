@@ -140,8 +140,11 @@ def make_train_step(model_graphdef, opt_graphdef, sc: StepConfig) -> Callable:
 
     def objective(params, rest, graphdef, batch, rng):
         # Adapter dropout (model.lora.dropout) in training steps only; its own stream of the step's key.
+        # copy=True: the Variables of ``rest`` (the frozen base, with model.lora) were made outside
+        # this trace, and nnx.remat writes every Variable of a block back after it runs.
+        model = nnx.merge(graphdef, params, rest, copy=True)
         with lora_lib.dropout_key(jax.random.fold_in(rng, _LORA_DROPOUT_STREAM)):
-            sums = batch_loss_sums(nnx.merge(graphdef, params, rest), batch, sc, rng)
+            sums = batch_loss_sums(model, batch, sc, rng)
         return sums.objective(sc.loss.z_loss), sums
 
     grad_of_objective = jax.grad(objective, has_aux=True)

@@ -101,9 +101,9 @@ def forward(model, tokens_BxT):
     return model(tokens_BxT)
 
 
-def tiny(n_layers=2, **lora_settings):
+def tiny(n_layers=2, remat="none", **lora_settings):
     return ModelConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
-                       lora=lora.LoRAConfig(**lora_settings) if lora_settings else lora.LoRAConfig())
+                       remat=remat, lora=lora.LoRAConfig(**lora_settings) if lora_settings else lora.LoRAConfig())
 
 
 def with_random_adapters(model, seed=1):
@@ -174,7 +174,7 @@ def test_only_adapters_train_and_8_fsdp_devices_with_accumulation_equal_one_devi
     from gf_jax.optim import OptimizerConfig
     from gf_jax.step import LossConfig
 
-    model = tiny(n_layers=1, rank=4, alpha=8, targets=("q", "v", "o", "down"))
+    model = tiny(n_layers=1, remat="full", rank=4, alpha=8, targets=("q", "v", "o", "down"))
     sc = StepConfig(model, GoldfishConfig(k=3), OptimizerConfig(lr=1e-2, warmup=1), LossConfig(), total_steps=4)
     one = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     start = host(make_step_functions(sc, one).init()[0])
