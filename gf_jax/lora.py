@@ -26,11 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Projections an adapter can target, with the name of the base weight it updates and the module
-# (attribute of a Block) holding it.
+# Projections an adapter can target, and the base weight (of Attention or MLP) each one updates.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-BASE_WEIGHTS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"), "o": ("attn", "wo"),
-                "gate": ("mlp", "w_gate"), "up": ("mlp", "w_up"), "down": ("mlp", "w_down")}
+BASE_WEIGHTS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
 ADAPTERS = "lora"  # attribute of Attention / MLP holding the adapters (an nnx.Dict by target)
 
 
@@ -194,10 +192,6 @@ def join(base, adapters) -> nnx.State:
     return nnx.merge_state(base, adapters)
 
 
-def is_adapter_path(path: tuple) -> bool:
-    return ADAPTERS in path
-
-
 def merged(model, param_dtype: str | None = None):
     """``model`` (a Transformer with adapters) as a Transformer without them whose weights are
     ``W + (alpha / r) A B``, computed in float32 and stored in ``param_dtype`` (default: the base's)."""
@@ -230,7 +224,7 @@ def adapter_updates(flat_state: dict, scale: float) -> dict:
         module_path, target = path[:-3], path[-2]  # (..., "attn", "lora", "q", "lora_a")
         a = jnp.asarray(value(flat_state[path]), jnp.float32)
         b = jnp.asarray(value(flat_state[(*path[:-1], "lora_b")]), jnp.float32)
-        updates[(*module_path, BASE_WEIGHTS[target][1])] = scale * jnp.einsum("...ir,...ro->...io", a, b)
+        updates[(*module_path, BASE_WEIGHTS[target])] = scale * jnp.einsum("...ir,...ro->...io", a, b)
     return updates
 
 
