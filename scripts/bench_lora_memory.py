@@ -1,15 +1,15 @@
 """Per-device memory of the compiled train step, full fine-tuning vs LoRA, from abstract shapes.
 
     python scripts/bench_lora_memory.py                                  # LLaMA-2-7B, seq 2048, 1 and 8 CPU devices
-    python scripts/bench_lora_memory.py --devices 1 --modes lora --tpu v5p:2x2x1   # + one v5p chip
+    python scripts/bench_lora_memory.py --devices --tpu v5p:2x2x1 --tpu-chips 1   # one v5p chip only
 
 The trainer's own jitted step (gf_jax.step) is lowered from abstract arguments (shapes, dtypes and
 shardings; no weights exist) and compiled; ``compiled.memory_analysis()`` gives the bytes of its
 arguments (parameters, optimizer state, batch), outputs (aliased to the donated arguments) and
 temporaries per device. On the CPU backend this is a rough guide: XLA:CPU schedules and fuses
 differently from a GPU or TPU, and attention here is the einsum path (no flash kernel). ``--tpu``
-adds ahead-of-time compiles for the first 1, 8, ... chips (``--devices``) of a TPU topology
-(gf_jax/aot.py, needs libtpu), which the TPU compiler refuses when the step does not fit the chip.
+adds ahead-of-time compiles for the first ``--tpu-chips`` chips of a TPU topology (gf_jax/aot.py,
+needs libtpu), which the TPU compiler refuses when the step does not fit the chip.
 
 Modes: ``full`` trains every weight (float32 weights and AdamW moments, as configs/llama2-7b.yaml);
 ``lora`` trains rank-r adapters on all seven projections of a bfloat16 base.
@@ -64,9 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--rows", type=int, default=1, help="sequences per device per micro-batch")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 8], help="CPU device counts")
+    p.add_argument("--devices", type=int, nargs="*", default=[1, 8], help="CPU device counts (none: no CPU rows)")
     p.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
-    p.add_argument("--tpu", default="", help="also compile for --devices chips of this TPU topology, e.g. v5p:2x2x1")
+    p.add_argument("--tpu", default="", help="also compile for chips of this TPU topology, e.g. v5p:2x2x1")
+    p.add_argument("--tpu-chips", type=int, nargs="+", default=[1], help="how many of the topology's chips")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         from gf_jax import aot
 
         chips = aot.topology_devices(args.tpu)
-        targets += [(f"{chips[0].device_kind} x{n} ({args.tpu})", chips[:n]) for n in args.devices if n <= len(chips)]
+        targets += [(f"{chips[0].device_kind} x{n} ({args.tpu})", chips[:n]) for n in args.tpu_chips if n <= len(chips)]
     print(f"{args.config}, seq {args.seq}, {args.rows} row(s) per device, LoRA rank {args.rank} "
           f"({' '.join(args.overrides)})", flush=True)
     print("| mode | devices | trainable params | arguments GiB | temporaries GiB | total GiB / device | compile s |")
