@@ -2,6 +2,7 @@
 
     python scripts/bench_lora_memory.py                                  # LLaMA-2-7B, seq 2048, 1 and 8 CPU devices
     python scripts/bench_lora_memory.py --devices --tpu v5p:2x2x1 --tpu-chips 1   # one v5p chip only
+    python scripts/bench_lora_memory.py --devices 1 --modes lora -- model.n_layers=2 model.remat=none
 
 The trainer's own jitted step (gf_jax.step) is lowered from abstract arguments (shapes, dtypes and
 shardings; no weights exist) and compiled; ``compiled.memory_analysis()`` gives the bytes of its
