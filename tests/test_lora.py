@@ -275,7 +275,7 @@ def test_peft_export_round_trips_and_training_continues_from_it(lora_run, tmp_pa
     assert sorted(export_run(run_dir, peft_dir, peft=True)) == ["adapter_config.json", "adapter_model.safetensors"]
     with open(os.path.join(peft_dir, "adapter_config.json")) as f:
         settings = json.load(f)
-    assert settings["peft_type"] == "LORA" and settings["r"] == 4 and settings["lora_alpha"] == 8
+    assert settings["peft_type"] == "LORA" and settings["r"] == 4 and settings["lora_alpha"] == 8 and isinstance(settings["lora_alpha"], int)
     assert settings["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     reader = SafetensorsReader.of_file(os.path.join(peft_dir, "adapter_model.safetensors"))
     assert reader.shape("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") == (4, 48)  # r x in

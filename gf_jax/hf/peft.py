@@ -60,9 +60,10 @@ def adapter_arrays(model) -> dict[tuple[int, str, str], np.ndarray]:
 
 
 def adapter_config(lora: LoRAConfig, base_name: str) -> dict:
+    alpha = lora.rank if lora.alpha is None else lora.alpha
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": lora.rank, "lora_alpha": lora.rank if lora.alpha is None else lora.alpha,
+        "r": lora.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,  # PEFT's type: int
         "lora_dropout": lora.dropout, "target_modules": [HF_MODULES[t].split(".")[-1] for t in lora.targets],
         "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "revision": None,
         **_UNSUPPORTED,
