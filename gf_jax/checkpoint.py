@@ -260,25 +260,35 @@ def find_tokenizer(run_dir: str, config) -> str:
     )
 
 
-def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype: str | None = None):
+def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype: str | None = None,
+               base: str | None = None):
     """Restores a trained model from a run directory or a Hugging Face model directory.
 
     Args:
-      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``), or a local
-        Hugging Face directory (``config.json`` + safetensors; see ``gf_jax.hf``).
+      run_dir: a directory written by ``gf_jax.train`` (``checkpoints/<step>/``), a local
+        Hugging Face directory (``config.json`` + safetensors; see ``gf_jax.hf``), or a PEFT LoRA
+        adapter directory (``adapter_config.json``; ``gf_jax.hf.peft``) on ``base``.
       step: which checkpoint (default: the latest; an HF directory has only one).
       mesh: where to place the parameters (default: replicated on the first local device).
-      param_dtype: HF directories only: the parameters' dtype (default: the checkpoint's).
+      param_dtype: HF directories (and the HF base of a PEFT directory) only: the parameters' dtype
+        (default: the checkpoint's).
+      base: LoRA runs and PEFT directories only: the base model (default: the run's
+        ``train.init_from``; a PEFT directory's ``base_model_name_or_path``); a run's base must be
+        the model its adapters were trained on (its fingerprint is checked).
 
     Returns:
       (model: gf_jax.model.Transformer, run_config: gf_jax.config.RunConfig, tokenizer).
-      Only the parameters are read; the optimizer state stays on disk.
+      Only the parameters are read; the optimizer state stays on disk. A LoRA run's model is its
+      base with the adapters applied (``gf_jax.lora.merged`` folds them into the weights).
     """
     from gf_jax.hf import is_hf_dir
+    from gf_jax.hf.peft import is_peft_dir, load_peft
 
     if is_hf_dir(run_dir):
         return _load_hf_model(run_dir, mesh=mesh, param_dtype=param_dtype)
-    return _load_run_model(run_dir, step, mesh=mesh)
+    if is_peft_dir(run_dir):
+        return load_peft(run_dir, base, mesh=mesh, param_dtype=param_dtype)
+    return _load_run_model(run_dir, step, mesh=mesh, base=base)
 
 
 def _load_hf_model(hf_dir: str, *, mesh=None, param_dtype: str | None = None):
@@ -292,9 +302,10 @@ def _load_hf_model(hf_dir: str, *, mesh=None, param_dtype: str | None = None):
     return load_hf(hf_dir, config.model, mesh=mesh), config, tokenizer
 
 
-def _load_run_model(run_dir: str, step: int | None, *, mesh=None):
+def _load_run_model(run_dir: str, step: int | None, *, mesh=None, base: str | None = None):
     from flax import nnx
 
+    from gf_jax import lora
     from gf_jax.config import config_from_dict
     from gf_jax.model import Transformer
     from gf_jax.tokenizer import Tokenizer
@@ -323,18 +334,40 @@ def _load_run_model(run_dir: str, step: int | None, *, mesh=None):
 
                 shardings = model_shardings(abstract_state, mesh)
             abstract_model = abstract_with_shardings(abstract_state, shardings)
-            return config, graphdef, ckpt.restore(step, abstract_model=abstract_model)
+            # A LoRA run's checkpoints hold the adapters only.
+            saved = lora.split(abstract_model)[1] if config.model.lora.enabled else abstract_model
+            return config, graphdef, abstract_model, ckpt.restore(step, abstract_model=saved)
 
         if step is None:  # the newest checkpoint that restores; a corrupt one is skipped with a line why
-            step, (config, graphdef, restored) = ckpt.restore_newest_good(restore, steps)
+            step, (config, graphdef, abstract_model, restored) = ckpt.restore_newest_good(restore, steps)
         else:
-            config, graphdef, restored = ckpt.restore_step(step, restore)
+            config, graphdef, abstract_model, restored = ckpt.restore_step(step, restore)
     finally:
         ckpt.close()
-    model = nnx.merge(graphdef, restored["model"])
+    state = restored["model"]
+    if config.model.lora.enabled:
+        state = _with_lora_base(run_dir, config, restored["loop"], state, abstract_model, base)
+    model = nnx.merge(graphdef, state)
     tokenizer = Tokenizer.load(find_tokenizer(run_dir, config))
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
     return model, config, tokenizer
+
+
+def _with_lora_base(run_dir: str, config, loop: dict, adapters, abstract_model, base: str | None):
+    """The full state of a LoRA run: its ``adapters`` on its base (``base`` or the run's
+    ``train.init_from``) placed by ``abstract_model``'s shardings, once the base's fingerprint
+    is the one recorded with the adapters."""
+    from gf_jax import lora
+
+    spec = base or config.train.init_from
+    if not rundir.exists(split_step(spec)[0]):
+        raise FileNotFoundError(f"the base model {spec} of the LoRA run {run_dir} does not exist; pass "
+                                "load_model(..., base=PATH) with where it is now.")
+    recorded = (loop.get("lora_base") or {}).get("fingerprint")
+    lora.check_fingerprint(recorded, lora.fingerprint(spec), spec, run_dir)
+    abstract_base = lora.split(abstract_model)[0]
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_base)
+    return lora.join(load_pretrained_params(spec, abstract_base, shardings, config.model), adapters)
 
 
 # ---- starting from a pretrained model (train.init_from) ---------------------------------------
@@ -367,9 +400,15 @@ def pretrained_model_config(path: str) -> ModelConfig:
         if not steps:
             raise FileNotFoundError(f"{path} is neither a Hugging Face model directory nor a run with checkpoints; "
                                     "set train.init_from to one of them.")
-        return config_from_dict(ckpt.saved_config(steps[-1] if step is None else step)).model
+        model = config_from_dict(ckpt.saved_config(steps[-1] if step is None else step)).model
     finally:
         ckpt.close()
+    if model.lora.enabled:  # its checkpoints hold adapters only, which are not a model to start from
+        raise ValueError(
+            f"{path} is a LoRA run (adapters on another model); export it merged (python -m gf_jax.hf export "
+            f"{path} OUT --merge-lora) and start from OUT."
+        )
+    return model
 
 
 def load_pretrained_params(path: str, abstract_state, shardings, model_config):

@@ -53,6 +53,8 @@ class TrainConfig:
         checkpoints is resumed from its latest step.
       init_from: start a new run from the parameters of another run (``RUN_DIR`` or
         ``RUN_DIR@STEP``), with a fresh optimizer; "" = fresh parameters.
+      init_adapters: LoRA: start the adapters from this PEFT adapter directory (its settings become
+        ``model.lora``) instead of fresh ones; "" = fresh adapters.
       seed: parameter initialisation (and ``random`` goldfish strategy) seed.
       progress: show a progress bar on the console.
       tensorboard: also write TensorBoard events (tensorboardX) under RUN_DIR/tensorboard.
@@ -72,6 +74,7 @@ class TrainConfig:
     async_checkpoint: bool = True
     run_dir: str = "runs/default"
     init_from: str = ""
+    init_adapters: str = ""
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True

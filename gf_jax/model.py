@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from gf_jax import lora as lora_lib
 from gf_jax.attention import ATTENTION_OUT, IMPLEMENTATIONS, attend, attention_xla
+from gf_jax.lora import LoRAConfig
 from gf_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -78,6 +80,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
     sliding_window: int | None = None  # Mistral: recorded so max_seq_len can never exceed it
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # adapters (gf_jax.lora); rank 0: none
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -228,12 +231,20 @@ class Attention(nnx.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(h, config)
             self.k_norm = RMSNorm(h, config)
+        adapters = lora_lib.make_adapters(config, {
+            "q": (d, n * h, "embed", "heads"), "k": (d, k * h, "embed", "kv_heads"),
+            "v": (d, k * h, "embed", "kv_heads"), "o": (n * h, d, "heads", "embed")}, rngs)
+        if adapters is not None:
+            self.lora = adapters
 
     def _qkv(self, x_BxTxD, positions_BxT, dtype):
         c = self.config
         q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wv[...].astype(dtype))
+        q = lora_lib.add_update(self, "q", q, x_BxTxD, c)
+        k = lora_lib.add_update(self, "k", k, x_BxTxD, c)
+        v = lora_lib.add_update(self, "v", v, x_BxTxD, c)
         if c.qkv_bias:
             q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
         if c.qk_norm:
@@ -243,7 +254,8 @@ class Attention(nnx.Module):
                 apply_rope(k, positions_BxT, c.rope_theta, inv_freq_Hh), v)
 
     def _out(self, o_BxTxNxH, dtype):
-        return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, self.wo[...].astype(dtype))
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, self.wo[...].astype(dtype))
+        return lora_lib.add_update(self, "o", out_BxTxD, o_BxTxNxH, self.config)
 
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, dtype):
         q, k, v = self._qkv(x_BxTxD, positions_BxT, dtype)
@@ -271,11 +283,18 @@ class MLP(nnx.Module):
         self.w_gate = _param(rngs, init, (d, f), ("embed", "mlp"), wd)
         self.w_up = _param(rngs, init, (d, f), ("embed", "mlp"), wd)
         self.w_down = _param(rngs, init, (f, d), ("mlp", "embed"), wd)
+        self.config = config
+        adapters = lora_lib.make_adapters(config, {
+            "gate": (d, f, "embed", "mlp"), "up": (d, f, "embed", "mlp"), "down": (f, d, "mlp", "embed")}, rngs)
+        if adapters is not None:
+            self.lora = adapters
 
     def __call__(self, x_BxTxD, dtype):
-        gate_BxTxF = x_BxTxD @ self.w_gate[...].astype(dtype)
-        up_BxTxF = x_BxTxD @ self.w_up[...].astype(dtype)
-        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.w_down[...].astype(dtype)
+        c = self.config
+        gate_BxTxF = lora_lib.add_update(self, "gate", x_BxTxD @ self.w_gate[...].astype(dtype), x_BxTxD, c)
+        up_BxTxF = lora_lib.add_update(self, "up", x_BxTxD @ self.w_up[...].astype(dtype), x_BxTxD, c)
+        hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+        return lora_lib.add_update(self, "down", hidden_BxTxF @ self.w_down[...].astype(dtype), hidden_BxTxF, c)
 
 
 class Block(nnx.Module):

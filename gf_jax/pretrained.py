@@ -62,10 +62,32 @@ def pretrained_tokenizer_path(spec: str) -> str:
     return find_tokenizer(path, RunConfig())
 
 
+def apply_init_adapters(config: RunConfig) -> RunConfig:
+    """``config`` with ``model.lora`` from ``train.init_adapters`` (a PEFT adapter directory)."""
+    if not config.train.init_adapters:
+        return config
+    from gf_jax.hf.peft import with_peft_settings
+
+    return dataclasses.replace(config, model=with_peft_settings(config.model, config.train.init_adapters))
+
+
+def load_init_adapters(peft_dir: str, fns):
+    """The adapters of ``peft_dir`` on the run's shardings (``fns``: gf_jax.step.StepFunctions)."""
+    from gf_jax import lora
+    from gf_jax.hf.peft import load_adapters
+
+    return load_adapters(peft_dir, lora.split(fns.abstract_model_state)[1], lora.split(fns.model_shardings)[1])
+
+
 def load_init_params(spec: str, fns, model_config: ModelConfig):
     """The parameters of ``spec`` as this run's model state, on the run's shardings (``fns``:
-    gf_jax.step.StepFunctions)."""
-    return load_pretrained_params(spec, fns.abstract_model_state, fns.model_shardings, model_config)
+    gf_jax.step.StepFunctions). With ``model.lora``, the base parameters only (no adapters)."""
+    from gf_jax import lora
+
+    abstract, shardings = fns.abstract_model_state, fns.model_shardings
+    if model_config.lora.enabled:
+        abstract, shardings = lora.split(abstract)[0], lora.split(shardings)[0]
+    return load_pretrained_params(spec, abstract, shardings, model_config)
 
 
 def tokenizer_copy_path(run_dir: str, tokenizer) -> str:

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gf_jax import lora as lora_lib
 from gf_jax import loss as loss_lib
 from gf_jax.batch import Batch
 from gf_jax.goldfish import GoldfishConfig
@@ -70,9 +71,11 @@ class StepConfig:
 
 
 def build(sc: StepConfig):
-    """The model and its optimizer (call under ``jax.jit`` or ``nnx.eval_shape``)."""
+    """The model and its optimizer (call under ``jax.jit`` or ``nnx.eval_shape``). With
+    ``model.lora`` the optimizer holds state for the adapters only (``lora.trainable``)."""
     model = Transformer(sc.model, rngs=nnx.Rngs(sc.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(sc.optimizer, sc.total_steps), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(sc.optimizer, sc.total_steps),
+                              wrt=lora_lib.trainable(sc.model))
     return model, optimizer
 
 
@@ -125,6 +128,9 @@ def accumulate(grad_fn: Callable, params, batch: Batch, n: int, rng):
     return grads, sums
 
 
+_LORA_DROPOUT_STREAM = 1  # folded into a micro-batch's key for adapter dropout masks
+
+
 def make_train_step(model_graphdef, opt_graphdef, sc: StepConfig) -> Callable:
     """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``, unjitted.
 
@@ -133,7 +139,12 @@ def make_train_step(model_graphdef, opt_graphdef, sc: StepConfig) -> Callable:
     """
 
     def objective(params, rest, graphdef, batch, rng):
-        sums = batch_loss_sums(nnx.merge(graphdef, params, rest), batch, sc, rng)
+        # Adapter dropout (model.lora.dropout) in training steps only; its own stream of the step's key.
+        # copy=True: the Variables of ``rest`` (the frozen base, with model.lora) were made outside
+        # this trace, and nnx.remat writes every Variable of a block back after it runs.
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        with lora_lib.dropout_key(jax.random.fold_in(rng, _LORA_DROPOUT_STREAM)):
+            sums = batch_loss_sums(model, batch, sc, rng)
         return sums.objective(sc.loss.z_loss), sums
 
     grad_of_objective = jax.grad(objective, has_aux=True)
@@ -142,7 +153,9 @@ def make_train_step(model_graphdef, opt_graphdef, sc: StepConfig) -> Callable:
         model = nnx.merge(model_graphdef, model_state)
         optimizer = nnx.merge(opt_graphdef, opt_state)
         step = optimizer.step[...]
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # Gradients only for what trains: every parameter, or with model.lora only the adapters (the
+        # frozen base gets no gradient buffers at all).
+        graphdef, params, rest = nnx.split(model, lora_lib.trainable(sc.model), ...)
         # The random strategy draws a fresh mask each step (and micro-batch); the others ignore it.
         rng = jax.random.fold_in(jax.random.key(sc.seed), step)
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gf_jax import distributed, pretrained, rundir
+from gf_jax import lora as lora_lib
 from gf_jax.batch import Batch
 from gf_jax.checkpoint import (
     Checkpointer,
@@ -37,7 +38,6 @@ from gf_jax.config import RunConfig, save_config, to_dict
 from gf_jax.distributed import is_main_process
 from gf_jax.hooks import Hook, StopSignal
 from gf_jax.loss import LossSums
-from gf_jax.model import flops_per_token
 from gf_jax.runlock import RunDirInUse, RunLock
 from gf_jax.step import make_step_functions
 from gf_jax.tracker import NonFiniteLossError, Tracker, format_record, make_writers, peak_tflops
@@ -101,6 +101,10 @@ class Trainer:
         self.run_dir = config.train.run_dir
         self._take_lock()  # before anything is read or written: one trainer per run directory
         config = pretrained.apply_init_from(config)  # the architecture (and tokenizer) of train.init_from
+        config = pretrained.apply_init_adapters(config)  # model.lora of train.init_adapters
+        lora_lib.require_base(config)
+        # A LoRA run records its base's identity with every checkpoint (and checks it at resume).
+        self.base_fingerprint = lora_lib.fingerprint(config.train.init_from) if config.model.lora.enabled else None
         self.resume_step = self._check_resume(config)
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self._check_batch_fits_mesh(config)
@@ -142,6 +146,7 @@ class Trainer:
         step, saved = self.checkpointer.restore_newest_good(self.checkpointer.saved_config, self._all_steps,
                                                             log=self.log)
         check_compatible(saved["model"], config.model, self.run_dir)
+        lora_lib.check_same_adapters(saved["model"], config.model, self.run_dir)
         return step
 
     def _check_batch_fits_mesh(self, config: RunConfig) -> None:
@@ -199,8 +204,15 @@ class Trainer:
             if spec:
                 self.start_from(pretrained.load_init_params(spec, fns, self.config.model))
                 self.log(f"[gf_jax.train] parameters from {spec} (fresh optimizer)")
+            adapters = self.config.train.init_adapters
+            if adapters:
+                self.start_from(lora_lib.join(lora_lib.split(self.model_state)[0],
+                                              pretrained.load_init_adapters(adapters, fns)))
+                self.log(f"[gf_jax.train] LoRA adapters from {adapters}")
             return
         abstract_model = abstract_with_shardings(fns.abstract_model_state, fns.model_shardings)
+        if self.base_fingerprint is not None:  # LoRA: the checkpoints hold the adapters only
+            abstract_model = lora_lib.split(abstract_model)[1]
         abstract_opt = abstract_with_shardings(fns.abstract_opt_state, fns.opt_shardings)
         self.resume_step, restored = self.checkpointer.restore_newest_good(
             lambda step: self.checkpointer.restore(step, abstract_model=abstract_model, abstract_opt=abstract_opt),
@@ -210,10 +222,20 @@ class Trainer:
         distributed.check_same_on_all_processes(str(self.resume_step), "newest restorable checkpoint")
         self.model_state, self.opt_state = restored["model"], restored["optimizer"]
         loop = restored["loop"]
+        if self.base_fingerprint is not None:
+            self.model_state = self._with_base(restored["model"], loop)
         self.train_iter.set_state(self._own_data_state(loop))
         self.supervised_tokens_at_start = int(loop["supervised_tokens"])
         self.input_tokens_at_start = int(loop["input_tokens"])
         self.step = self.resume_step
+
+    def _with_base(self, adapters, loop: dict):
+        """A LoRA run's full model state: its restored adapters on the base of ``train.init_from``,
+        once that base is checked to be the one the adapters were trained on."""
+        spec = self.config.train.init_from
+        recorded = (loop.get("lora_base") or {}).get("fingerprint")
+        lora_lib.check_fingerprint(recorded, self.base_fingerprint, spec, self.run_dir)
+        return lora_lib.join(pretrained.load_init_params(spec, self.fns, self.config.model), adapters)
 
     def _write_run_files(self, tokenizer_copy: str) -> None:
         """The run directory's config and tokenizer, written only once every check has passed; then
@@ -240,7 +262,7 @@ class Trainer:
         )
         self.tracker = Tracker(
             writers, tokens_per_step=t.global_batch * t.seq_len,
-            flops_per_token=flops_per_token(self.config.model, t.seq_len), n_devices=self.mesh.devices.size,
+            flops_per_token=lora_lib.flops_per_token(self.config.model, t.seq_len), n_devices=self.mesh.devices.size,
             peak=peak_tflops(self.mesh.devices.flat[0]),
             supervised_tokens=self.supervised_tokens_at_start, input_tokens=self.input_tokens_at_start,
         )
@@ -284,6 +306,9 @@ class Trainer:
                 "a new train.run_dir."
             )
         state = model if isinstance(model, nnx.State) else nnx.state(model)
+        if self.base_fingerprint is not None:  # LoRA: a base without adapters keeps the fresh adapters
+            base, adapters = lora_lib.split(state)
+            state = lora_lib.join(base, adapters if jax.tree.leaves(adapters) else lora_lib.split(self.model_state)[1])
         if jax.tree.structure(state) != jax.tree.structure(self.model_state):
             raise ValueError(
                 "the starting parameters belong to another architecture than model.*; use the same model settings."
@@ -338,18 +363,18 @@ class Trainer:
         }
 
     def save(self, step: int) -> None:
-        self.checkpointer.save(
-            step,
-            model_state=self.model_state,
-            opt_state=self.opt_state,
-            loop_state={
-                "data": self.train_iter.get_state(),
-                "data_fingerprints": self.data_fingerprints,
-                "supervised_tokens": self.tracker.supervised_tokens,
-                "input_tokens": self.tracker.input_tokens,
-            },
-            config_dict=to_dict(self.config),
-        )
+        loop_state = {
+            "data": self.train_iter.get_state(),
+            "data_fingerprints": self.data_fingerprints,
+            "supervised_tokens": self.tracker.supervised_tokens,
+            "input_tokens": self.tracker.input_tokens,
+        }
+        model_state = self.model_state
+        if self.base_fingerprint is not None:  # LoRA: the adapters, and which base they belong to
+            model_state = lora_lib.split(model_state)[1]
+            loop_state["lora_base"] = {"path": self.config.train.init_from, "fingerprint": self.base_fingerprint}
+        self.checkpointer.save(step, model_state=model_state, opt_state=self.opt_state, loop_state=loop_state,
+                               config_dict=to_dict(self.config))
         self._last_saved = step
 
     # ---- built-in hooks ------------------------------------------------------------------------

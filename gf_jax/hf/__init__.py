@@ -2,12 +2,14 @@
 
     model, config, tokenizer = gf_jax.checkpoint.load_model("path/to/hf_dir")   # import
     python -m gf_jax.hf export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]      # export
+    python -m gf_jax.hf export LORA_RUN OUT_DIR --merge-lora | --peft             # a LoRA run
     python -m gf_jax.hf import HF_DIR RUN_DIR                                     # run dir at step 0
 
 Files: ``config`` (config.json <-> ModelConfig), ``weights`` (tensor names and layouts),
 ``safetensors_io`` (memory-mapped reading, streaming sharded writing), ``load`` (parameters
 straight onto their device shards), ``tokenizer`` (tokenizer.json behind gf_jax's tokenizer
-interface), ``export`` (run directory -> HF directory), ``runs`` (HF directory -> run directory).
+interface), ``export`` (run directory -> HF directory), ``runs`` (HF directory -> run directory),
+``peft`` (LoRA adapters <-> PEFT adapter directories).
 This module imports nothing heavy, so ``gf_jax.tokenizer`` can use ``gf_jax.hf.tokenizer``.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m gf_jax.hf export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16|float32]`` and
+"""``python -m gf_jax.hf export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16|float32] [--merge-lora | --peft]`` and
 ``python -m gf_jax.hf import HF_DIR RUN_DIR [--param-dtype float32]``."""
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out_dir")
     ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ex.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
-                    help="dtype of the written weights (default: the model's parameter dtype)")
+                    help="dtype of the written weights (default: the model's parameter dtype; float32 with --peft)")
+    ex.add_argument("--merge-lora", action="store_true",
+                    help="LoRA runs: a full model with the adapters merged into the base weights")
+    ex.add_argument("--peft", action="store_true",
+                    help="LoRA runs: the adapters only, as a PEFT directory (adapter_config.json, "
+                         "adapter_model.safetensors) for peft and vLLM")
     im = sub.add_parser("import", help="a run directory at step 0 from a Hugging Face model directory")
     im.add_argument("hf_dir")
     im.add_argument("run_dir")
@@ -31,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "export":
         from gf_jax.hf.export import export_run
 
-        files = export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype)
+        files = export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
+                           merge_lora=args.merge_lora, peft=args.peft)
         print(f"{args.out_dir}: {', '.join(files)}")
     else:
         from gf_jax.hf.runs import import_to_run

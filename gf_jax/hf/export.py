@@ -106,6 +106,9 @@ def export_model(model, tokenizer, out_dir: str, *, dtype: str | None = None, so
     Returns the file names written.
     """
     config = model.config
+    if config.lora.enabled:
+        raise ValueError("the model has LoRA adapters; merge them first (gf_jax.lora.merged) or export them with "
+                         "gf_jax.hf.peft.export_peft.")
     dtype = dtype or config.param_dtype
     if dtype not in _NP_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}.")
@@ -126,11 +129,44 @@ def export_model(model, tokenizer, out_dir: str, *, dtype: str | None = None, so
 
 
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
-               max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+               merge_lora: bool = False, peft: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """``python -m gf_jax.hf export``: a run directory's checkpoint (default: latest) as an HF
-    directory (an HF directory works too: re-export, e.g. in another dtype)."""
+    directory (an HF directory works too: re-export, e.g. in another dtype).
+
+    A LoRA run (or a PEFT adapter directory) exports with ``merge_lora`` as a full HF model whose
+    weights have the adapters merged in, or with ``peft`` as a PEFT adapter directory."""
     from gf_jax.checkpoint import load_model
 
     model, run_config, tokenizer = load_model(run_dir, step)
-    return export_model(model, tokenizer, out_dir, dtype=dtype, source_dir=hf_metadata_dir(run_dir),
+    has_adapters = model.config.lora.enabled
+    if merge_lora and peft:
+        raise ValueError("--merge-lora and --peft exclude each other; pass one of them.")
+    if (merge_lora or peft) and not has_adapters:
+        raise ValueError(f"{run_dir} has no LoRA adapters (model.lora.rank is 0); export it without "
+                         f"{'--merge-lora' if merge_lora else '--peft'}.")
+    if peft:
+        from gf_jax.hf.peft import export_peft
+
+        return export_peft(model, out_dir, base_name=_base_name(run_config.train.init_from), dtype=dtype or "float32")
+    if has_adapters and not merge_lora:
+        raise ValueError(
+            f"{run_dir} is a LoRA run (rank-{model.config.lora.rank} adapters on {run_config.train.init_from}); pass "
+            "--merge-lora for a full Hugging Face model with the adapters merged in, or --peft for a PEFT adapter "
+            "directory."
+        )
+    if has_adapters:
+        from gf_jax.lora import merged
+
+        model = merged(model, param_dtype=dtype)
+    source_dir = hf_metadata_dir(run_dir) or (hf_metadata_dir(run_config.train.init_from) if has_adapters else None)
+    return export_model(model, tokenizer, out_dir, dtype=dtype, source_dir=source_dir,
                         add_bos=run_config.data.add_bos, max_shard_bytes=max_shard_bytes)
+
+
+def _base_name(init_from: str) -> str:
+    """``base_model_name_or_path`` of a PEFT export: the absolute path of the run's base."""
+    from gf_jax import rundir
+    from gf_jax.checkpoint import split_step
+
+    path, step = split_step(init_from)
+    return rundir.absolute(path) + ("" if step is None else f"@{step}")

@@ -106,6 +106,14 @@ class SafetensorsReader:
         self.files = weight_files(hf_dir)
         self._open: dict[str, _MappedFile] = {}
 
+    @classmethod
+    def of_file(cls, path: str) -> SafetensorsReader:
+        """A reader of one safetensors file that is not a model's (e.g. a PEFT adapter's)."""
+        reader = cls.__new__(cls)
+        reader.files = {name: path for name in _read_header(path)[0]}
+        reader._open = {}
+        return reader
+
     def names(self) -> list[str]:
         return sorted(self.files)
 
