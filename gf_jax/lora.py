@@ -318,9 +318,21 @@ def _run_identity(run_dir: str, step: int | None) -> dict:
         root = epath.Path(ckpt.directory) / str(step) / "model"
     finally:
         ckpt.close()
-    sizes = sorted((str(p.relative_to(root)), p.stat().length) for p in root.rglob("*") if p.is_file())
+    sizes = sorted((str(p.relative_to(root)), p.stat().length) for p in _files_under(root))
     digest = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()[:16]
     return {"step": step, "files": f"{len(sizes)} files, names and sizes {digest}"}
+
+
+def _files_under(root):
+    """Every file below ``root`` (an epath), walked folder by folder: ``rglob`` is refused by
+    etils' gfile backend, which it can pick for local paths too."""
+    folders = [root]
+    while folders:
+        for child in folders.pop().iterdir():
+            if child.is_dir():
+                folders.append(child)
+            else:
+                yield child
 
 
 def check_fingerprint(recorded: dict | None, current: dict, spec: str, run_dir: str) -> None:

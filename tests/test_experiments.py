@@ -44,7 +44,7 @@ def _check_arm_rows(arms: dict, n_docs: int):
 def test_memorization_smoke_writes_one_row_per_arm(memorization_run):
     out, result = memorization_run
     saved = json.load(open(os.path.join(out, "results.json")))
-    assert list(saved["arms"]) == list(memorization.ARM_NAMES)
+    assert list(saved["arms"]) == list(memorization.DEFAULT_ARMS)
     _check_arm_rows(saved["arms"], n_docs=3)
     for name in ("results.md", "rougeL_hist.png", "report/report.md", "report/report.json", "report/rougeL_hist.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -94,21 +94,33 @@ def test_memorization_init_from_starts_from_trained_weights(memorization_run, tm
 def test_memorization_fine_tuning_mode_pretrains_one_base_for_every_arm(tmp_path, tok_cache):
     import yaml
 
-    args = ["--preset", "smoke", "--devices", "1", "--out", str(tmp_path), "--arms", "standard,goldfish-hash",
+    args = ["--preset", "smoke", "--devices", "1", "--out", str(tmp_path), "--arms", "standard,lora-goldfish-hash",
             f"data.tokenizer_cache_dir={tok_cache}", "experiment.base_corpus=data/tinyshakespeare.txt",
-            "experiment.base_steps=3"]
+            "experiment.base_steps=3", "experiment.lora_rank=4", "experiment.lora_lr=1e-2"]
     result = memorization.run(args)
     base = result["meta"]["base"]
     assert base["steps"] == 3 and base["status"] == "done" and base["resumed_from"] is None
     assert os.path.isdir(os.path.join(base["run_dir"], "checkpoints", "3"))
-    for name in ("standard", "goldfish-hash"):
+    configs = {}
+    for name in ("standard", "lora-goldfish-hash"):
         with open(os.path.join(tmp_path, "arms", name, "config.yaml")) as f:
-            assert yaml.safe_load(f)["train"]["init_from"] == base["run_dir"]
+            configs[name] = yaml.safe_load(f)
+        assert configs[name]["train"]["init_from"] == base["run_dir"]
+    lora = configs["lora-goldfish-hash"]
+    assert lora["model"]["lora"]["rank"] == 4 and len(lora["model"]["lora"]["targets"]) == 7
+    assert lora["optimizer"]["lr"] == 1e-2 and configs["standard"]["model"]["lora"]["rank"] == 0
+    assert lora["goldfish"]["strategy"] == "hash" and result["arms"]["lora-goldfish-hash"]["label"].startswith("LoRA")
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["base"]["run_dir"] == base["run_dir"]
     assert "fine-tunes one base model, pretrained 3 steps" in open(tmp_path / "results.md").read()
     # A second run reuses the finished base instead of training it again.
     assert memorization.run(args)["meta"]["base"]["resumed_from"] == 3
+
+
+def test_memorization_lora_arms_need_a_base(tmp_path):
+    with pytest.raises(ValueError, match="LoRA adapters on a pretrained base; set experiment.base_corpus"):
+        memorization.run(["--preset", "smoke", "--out", str(tmp_path / "out"), "--arms", "standard,lora-standard"])
+    assert not os.listdir(tmp_path / "out")  # refused before a tokenizer or document was written
 
 
 def test_canary_smoke_writes_one_row_per_arm(tmp_path, tok_cache):

@@ -25,6 +25,7 @@ class Arm:
     name: str
     goldfish: GoldfishConfig
     trains_on: str  # human-readable, for the table
+    lora: bool = False  # trains LoRA adapters on a frozen base (the protocol supplies the settings)
 
 
 def special_ids(tokenizer) -> tuple[int, ...]:

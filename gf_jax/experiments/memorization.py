@@ -40,7 +40,9 @@ from gf_jax.experiments.runner import Protocol, run_arms
 from gf_jax.goldfish import GoldfishConfig
 from gf_jax.tokenizer import corpus_tokenizer
 
-ARM_NAMES = ("standard", "goldfish-hash", "goldfish-static", "random-drop", "control")
+DEFAULT_ARMS = ("standard", "goldfish-hash", "goldfish-static", "random-drop", "control")
+# LoRA arms fine-tune a pretrained base (experiment.base_corpus or --init-from): not by default.
+ARM_NAMES = (*DEFAULT_ARMS, "lora-standard", "lora-goldfish-hash")
 PRESET_ALIASES = {"tpu": "llama2_7b"}
 FORMATS = {  # --format -> data source fields
     "wikitext": dict(source="text", split_rule="wikitext"),
@@ -64,7 +66,8 @@ class MemorizationExperiment:
       heldout_docs: documents after those never trained on (held-out loss, MIA non-members).
       suffix_len: tokens to extract (the paper: 50); prefix_len: prompt tokens (null: all).
       epochs: passes over the documents; ``train.steps`` is derived from it.
-      arms: which of standard, goldfish-hash, goldfish-static, random-drop, control to run.
+      arms: which of standard, goldfish-hash, goldfish-static, random-drop, control,
+        lora-standard, lora-goldfish-hash to run (the LoRA arms need a base model).
       k, h: goldfish drop rate 1/k and hash context width.
       hash_strategy: the goldfish-hash arm's strategy, ``hash`` or the reference's ``hash-table``.
       eval_batch: prompts decoded (and documents scored) per batch.
@@ -72,6 +75,8 @@ class MemorizationExperiment:
         packed rows, ``base_steps`` steps at ``base_lr``, default ``optimizer.lr``); every arm then
         fine-tunes that base (``<out>/base``). ``base_format`` is one of the ``--format`` choices.
         Null: the arms start from ``--init-from`` if given, else from scratch.
+      lora_rank, lora_alpha, lora_targets: the LoRA arms' adapters (``model.lora``; alpha null =
+        rank); lora_lr: their learning rate (null: ``optimizer.lr``).
     """
 
     docs: int = 16
@@ -80,7 +85,7 @@ class MemorizationExperiment:
     suffix_len: int = 32
     prefix_len: int | None = None
     epochs: int = 100
-    arms: tuple[str, ...] = ARM_NAMES
+    arms: tuple[str, ...] = DEFAULT_ARMS
     k: int = 4
     h: int = 13
     hash_strategy: str = "hash"
@@ -89,6 +94,10 @@ class MemorizationExperiment:
     base_format: str = "text"
     base_steps: int = 0
     base_lr: float | None = None
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    lora_lr: float | None = None
 
     def __post_init__(self):
         if self.hash_strategy not in ("hash", "hash-table"):
@@ -117,11 +126,18 @@ def make_arms(exp: MemorizationExperiment, never_drop_ids: tuple[int, ...]) -> d
         "goldfish-static": Arm("goldfish-static", GoldfishConfig(strategy="static", **gl), "the N documents"),
         "random-drop": Arm("random-drop", GoldfishConfig(strategy="random", **gl), "the N documents"),
         "control": Arm("control", GoldfishConfig(strategy="none"), "N other documents"),
+        "lora-standard": Arm("lora-standard", GoldfishConfig(strategy="none"), "the N documents", lora=True),
+        "lora-goldfish-hash": Arm("lora-goldfish-hash", GoldfishConfig(strategy=exp.hash_strategy, **gl),
+                                  "the N documents", lora=True),
     }
     return {name: arms[name] for name in exp.arms}
 
 
 def arm_label(arm: Arm) -> str:
+    return f"LoRA + {_loss_label(arm)}" if arm.lora else _loss_label(arm)
+
+
+def _loss_label(arm: Arm) -> str:
     g = arm.goldfish
     if g.strategy in ("hash", "hash-table"):
         return f"goldfish k={g.k} {g.strategy} h={g.h}"
@@ -163,6 +179,25 @@ def arm_data(base, docs_path: str, tokenizer):
     return dataclasses.replace(
         base.data, source="jsonl", path=docs_path, text_field="text", id_field="id", tokenizer=tokenizer.path,
         validation_fraction=0.0, max_documents=None, canary_path=None, canary_repeats=0)
+
+
+def check_lora_arms(exp: MemorizationExperiment, init_from: str | None) -> None:
+    """LoRA arms train adapters on a frozen base, so there must be one to start from."""
+    lora_arms = [name for name in exp.arms if make_arms(exp, ())[name].lora]
+    if lora_arms and not (exp.base_corpus or init_from):
+        raise ValueError(f"arm {lora_arms[0]} trains LoRA adapters on a pretrained base; set experiment.base_corpus "
+                         "(and experiment.base_steps) or pass --init-from, or drop the LoRA arms.")
+
+
+def lora_base(base, exp: MemorizationExperiment):
+    """The run config a LoRA arm starts from: adapters on every targeted projection of a frozen
+    base, at the LoRA learning rate."""
+    from gf_jax.lora import LoRAConfig
+
+    adapters = LoRAConfig(rank=exp.lora_rank, alpha=exp.lora_alpha, targets=tuple(exp.lora_targets))
+    lr = exp.lora_lr if exp.lora_lr is not None else base.optimizer.lr
+    return dataclasses.replace(base, model=dataclasses.replace(base.model, lora=adapters),
+                               optimizer=dataclasses.replace(base.optimizer, lr=lr))
 
 
 def train_base(base, exp: MemorizationExperiment, tokenizer, out: str, init_from: str | None, *,
@@ -247,6 +282,7 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
     args = build_parser(command).parse_args(argv)
     path, preset, exp, base, out = cli.resolve_experiment(
         args, "memorization", PRESET_ALIASES, flag_overrides(args), MemorizationExperiment)
+    check_lora_arms(exp, args.init_from or base.train.init_from)
     devices = select_devices(args.devices)
     tokenizer, members, control, heldout = select_documents(base, exp)
     data.check_vocab_fits(tokenizer, base.model.vocab_size)
@@ -273,7 +309,8 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
 
     def configure(arm: Arm):
         trains_on = "control" if arm.name == "control" else "members"
-        config = arm_config(base, arm, data=arm_data(base, paths[trains_on], tokenizer), steps=steps,
+        config = arm_config(lora_base(base, exp) if arm.lora else base, arm, steps=steps,
+                            data=arm_data(base, paths[trains_on], tokenizer),
                             run_dir=os.path.join(out, "arms", arm.name), init_from=init_from)
         if [d.id for d in data.load_documents(config.data)] != docs[trains_on]:
             raise RuntimeError(f"the pipeline reads other documents from {paths[trains_on]} than were selected.")
