@@ -125,6 +125,20 @@ def test_scanned_logits_loss_and_gradients_equal_unrolled(remat):
     _assert_same(_flat(grads), _stack_by_hand(_flat(want_grads)), rtol=1e-4, atol=1e-6)
 
 
+def test_scanned_minimal_remat_with_splash_equals_unrolled_einsum():
+    """Splash (Pallas interpret mode on CPU) names its own residuals for ``minimal``; under the
+    scan the gradients still equal the unrolled einsum path's."""
+    inputs, targets, positions, segments = _packed_tokens(t=128)
+    config = ModelConfig(**{**TINY, "max_seq_len": 128}, attention="xla")
+    unrolled = Transformer(config, rngs=nnx.Rngs(5))
+    want_loss, _, want_grads = _loss_and_grads(unrolled, inputs, targets, positions, segments)
+    scanned = _relayout(unrolled, scan_layers=True, remat="minimal", attention="splash",
+                        attention_block_q=128, attention_block_kv=128)
+    loss, _, grads = _loss_and_grads(scanned, inputs, targets, positions, segments)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    _assert_same(_flat(grads), _stack_by_hand(_flat(want_grads)), rtol=1e-3, atol=1e-5)
+
+
 # ---- the jitted train step on meshes -----------------------------------------------------------
 
 
