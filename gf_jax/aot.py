@@ -44,8 +44,11 @@ def topology_devices(topology: str):
     # libtpu takes a host-wide lock file when it starts; a compile-only client must not fail (or
     # block a real TPU job) because another process on the host has libtpu loaded.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # A v4 chip's two TensorCores run as one JAX device (megacore) on a real slice; the topology
+    # description lists each core as a device unless told so (v4:2x2x4 would be 32 devices).
+    options = {"chip_config_name": "megacore"} if topology.lower().startswith("v4") else {}
     try:
-        return list(topologies.get_topology_desc(topology, "tpu").devices)
+        return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
     except Exception as e:  # libtpu missing or a topology it does not know: one sentence says which
         raise ValueError(
             f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "

@@ -44,6 +44,12 @@ def test_scanned_layers_compile_one_block_for_tpu(v5e_2x2, one_layer_step):
     assert report.fits and report.arguments > one_layer_step[1].arguments
 
 
+def test_v4_topology_has_one_device_per_chip(v5e_2x2):
+    # A real v4 slice runs each chip's two TensorCores as one device (megacore): v4-8 is 4 devices.
+    devices = aot.topology_devices("v4:2x2x1")
+    assert len(devices) == 4 and {d.core_on_chip for d in devices} == {0}
+
+
 def test_unknown_topology_is_one_sentence(v5e_2x2):
     with pytest.raises(ValueError, match="cannot describe TPU topology 'v9z:2x2'"):
         aot.topology_devices("v9z:2x2")
