@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gf_jax.model import ModelConfig
 
 # Fields that fix the parameters' shapes or meaning: a checkpoint cannot be resumed under others.
-# dtype, remat, attention kernel and max_seq_len may change between runs.
+# dtype, remat, attention kernel, max_seq_len and scan_layers (converted on restore) may change between runs.
 ARCHITECTURE_FIELDS = (
     "vocab_size",
     "d_model",
