@@ -165,3 +165,19 @@ def _sources(path: tuple, want) -> list[tuple]:
     if is_stacked(path):
         return [unrolled_path(path, layer) for layer in range(want.shape[0])]
     return [stacked_path(path)[0]]
+
+
+def relayout(model, scan_layers: bool):
+    """``model`` (a gf_jax Transformer) with its blocks in the layout ``scan_layers`` asks for,
+    each array on the devices (and shards) of its source; ``model`` itself when already so."""
+    import dataclasses
+
+    from gf_jax.model import Transformer
+
+    if model.config.scan_layers == scan_layers:
+        return model
+    config = dataclasses.replace(model.config, scan_layers=scan_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    state = nnx.state(model)
+    abstract = jax.tree.map(lambda x: _struct(x.shape, x.dtype, x.sharding), state)
+    return nnx.merge(graphdef, convert(state, other_layout(abstract)))

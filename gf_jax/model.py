@@ -319,8 +319,9 @@ def _remat_policy(name: str):
 def _remat_layer(fn, name: str):
     """``fn`` (one layer of the scan body) under the remat policy ``name`` (``none``: as is).
 
-    Inside a scan, XLA cannot merge the recomputation with the forward pass of another layer, so
-    ``prevent_cse`` is not needed (and would only block optimisations, as the jax docs note).
+    Under a scan the forward and the backward pass are separate loops, so XLA cannot fold the
+    recomputation back into the forward pass; ``prevent_cse``'s barriers would only cost (as the
+    ``jax.checkpoint`` docs say for scans).
     """
     if name == "none":
         return fn
@@ -439,8 +440,8 @@ class Transformer(nnx.Module):
         c = self.config
         shape = (batch_size, max_len, c.n_kv_heads, c.resolved_head_dim)
         if c.scan_layers:
-            shape_LxBxSxKxH = (c.n_layers, *shape)
-            return {"k": jnp.zeros(shape_LxBxSxKxH, c.compute_dtype), "v": jnp.zeros(shape_LxBxSxKxH, c.compute_dtype)}
+            stacked = (c.n_layers, *shape)
+            return {"k": jnp.zeros(stacked, c.compute_dtype), "v": jnp.zeros(stacked, c.compute_dtype)}
         return [
             {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
             for _ in range(c.n_layers)
@@ -470,15 +471,21 @@ class Transformer(nnx.Module):
         return h_BxTxD @ self.output_weights(), new_cache
 
     def _decode_scanned(self, h_BxTxD, positions_BxT, cache, cache_index_B):
-        """Stacked blocks and the stacked cache scanned together: layer l reads and rewrites
-        its own ``B x S x K x H`` slices of ``cache["k"]`` / ``cache["v"]``."""
+        """Stacked blocks scanned with the stacked cache in the carry: layer l reads its
+        ``B x S x K x H`` slices and writes them back in place (as scan outputs, the whole cache
+        would be copied at every decoding step)."""
         graphdef, state_L = nnx.split(self.layers)
 
-        def layer(h, xs):
-            layer_state, layer_cache = xs
-            return nnx.merge(graphdef, layer_state).decode(h, positions_BxT, layer_cache, cache_index_B)
+        def layer(carry, xs):
+            h, cache = carry
+            index, layer_state = xs
+            layer_cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, keepdims=False), cache)
+            h, layer_cache = nnx.merge(graphdef, layer_state).decode(h, positions_BxT, layer_cache, cache_index_B)
+            cache = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, index, 0), cache, layer_cache)
+            return (h, cache), None
 
-        return jax.lax.scan(layer, h_BxTxD, (state_L, cache))
+        (h_BxTxD, cache), _ = jax.lax.scan(layer, (h_BxTxD, cache), (jnp.arange(self.config.n_layers), state_L))
+        return h_BxTxD, cache
 
 
 # --------------------------------------------------------------------------------------------

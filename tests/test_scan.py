@@ -37,10 +37,11 @@ def _abstract(config, mesh=None):
 
 
 def _relayout(model, scan_layers: bool, **fields):
-    """``model`` converted to the other block layout (gf_jax.layers.convert); ``fields``: other
-    ModelConfig fields of the result (e.g. remat)."""
-    graphdef, abstract = _abstract(dataclasses.replace(model.config, scan_layers=scan_layers, **fields))
-    return nnx.merge(graphdef, layers.convert(nnx.state(model), abstract))
+    """``model`` in the other block layout (gf_jax.layers.relayout); ``fields``: other ModelConfig
+    fields of the result (e.g. remat)."""
+    converted = layers.relayout(model, scan_layers)
+    graphdef, _ = _abstract(dataclasses.replace(converted.config, **fields))
+    return nnx.merge(graphdef, nnx.state(converted))
 
 
 def _flat(state) -> dict:
