@@ -44,8 +44,11 @@ def topology_devices(topology: str):
     # libtpu takes a host-wide lock file when it starts; a compile-only client must not fail (or
     # block a real TPU job) because another process on the host has libtpu loaded.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # A v4 chip's two TensorCores run as one JAX device (megacore) on a real slice; the topology
+    # description lists each core as a device unless told so (v4:2x2x4 would be 32 devices).
+    options = {"chip_config_name": "megacore"} if topology.lower().startswith("v4") else {}
     try:
-        return list(topologies.get_topology_desc(topology, "tpu").devices)
+        return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
     except Exception as e:  # libtpu missing or a topology it does not know: one sentence says which
         raise ValueError(
             f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
@@ -81,6 +84,7 @@ class MemoryReport:
     generated_code: int
     compile_s: float
     error: str | None = None  # the compiler's refusal (e.g. out of HBM): the program does not fit
+    compile_cpu_s: float | None = None  # CPU seconds of all compiler threads (stable on a busy host)
 
 
     @property
@@ -101,7 +105,8 @@ class MemoryReport:
 
     def format(self) -> str:
         if self.error is not None:
-            return f"{self.device_kind} x{self.chips}: does NOT compile: {self.error} ({self.compile_s:.1f} s)"
+            return (f"{self.device_kind} x{self.chips}: does NOT compile: {self.error} "
+                    f"({self.compile_s:.1f} s{self._cpu()})")
         hbm = "unknown HBM" if self.hbm is None else (
             f"of {self.hbm / GIB:.2f} GiB HBM = {100 * self.total / self.hbm:.0f}% "
             f"({'fits' if self.fits else 'does NOT fit'} within {FIT_FRACTION:.0%})"
@@ -110,13 +115,16 @@ class MemoryReport:
             f"{self.device_kind} x{self.chips}, per chip: arguments {self.arguments / GIB:.2f} GiB, "
             f"outputs {self.outputs / GIB:.2f} GiB (aliased {self.aliased / GIB:.2f}), "
             f"temporaries {self.temporaries / GIB:.2f} GiB, code {self.generated_code / GIB:.3f} GiB; "
-            f"total {self.total / GIB:.2f} GiB {hbm}; compiled in {self.compile_s:.1f} s"
+            f"total {self.total / GIB:.2f} GiB {hbm}; compiled in {self.compile_s:.1f} s{self._cpu()}"
         )
+
+    def _cpu(self) -> str:
+        return "" if self.compile_cpu_s is None else f" ({self.compile_cpu_s:.1f} CPU s)"
 
 
 def _compile(lowered, devices):
     """``(compiled or None, MemoryReport)``; running out of HBM is a result, not an exception."""
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -124,8 +132,10 @@ def _compile(lowered, devices):
             raise
         message = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
         return None, MemoryReport(devices[0].device_kind, len(devices), 0, 0, 0, 0, 0,
-                                  time.perf_counter() - start, error=message)
-    return compiled, memory_report(compiled, devices, time.perf_counter() - start)
+                                  time.perf_counter() - start, error=message,
+                                  compile_cpu_s=time.process_time() - start_cpu)
+    report = memory_report(compiled, devices, time.perf_counter() - start)
+    return compiled, dataclasses.replace(report, compile_cpu_s=time.process_time() - start_cpu)
 
 
 def memory_report(compiled, devices, compile_s: float) -> MemoryReport:

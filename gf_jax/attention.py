@@ -248,7 +248,9 @@ _warned_fallback = False
 def attend(config, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, dtype):
     """Training attention of ``config.attention`` (a ModelConfig); ``out_BxTxNxH`` in ``dtype``.
 
-    The output is named ``ATTENTION_OUT`` so the ``minimal`` remat policy keeps it.
+    The output is named ``ATTENTION_OUT`` so the ``minimal`` remat policy keeps it; splash names
+    its own output (and softmax statistics) inside the kernel, so its result is not named again:
+    a second copy per layer (``B x T x N x H``) would only save a transpose.
     """
     global _warned_fallback
     platform = target_platform()
@@ -273,4 +275,6 @@ def attend(config, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, dtype):
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.zeros(q_BxTxNxH.shape[:2], jnp.int32)
         out = attention_xla(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_segment_mask(segment_ids_BxT))
+    elif impl == "splash":
+        return out.astype(dtype)
     return checkpoint_name(out.astype(dtype), ATTENTION_OUT)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gf_jax.model import ModelConfig
 
 # Fields that fix the parameters' shapes or meaning: a checkpoint cannot be resumed under others.
-# dtype, remat, attention kernel and max_seq_len may change between runs.
+# dtype, remat, attention kernel, max_seq_len and scan_layers (converted on restore) may change between runs.
 ARCHITECTURE_FIELDS = (
     "vocab_size",
     "d_model",
@@ -131,16 +131,26 @@ class Checkpointer:
 
     def restore(self, step: int, *, abstract_model, abstract_opt=None) -> dict[str, Any]:
         """Restores ``step``: model (and optimizer, when its abstract state is given), loop and
-        config, each array placed by the sharding of its abstract leaf."""
-        items = dict(
-            model=ocp.args.StandardRestore(abstract_model),
-            loop=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-        )
-        if abstract_opt is not None:
-            items["optimizer"] = ocp.args.StandardRestore(abstract_opt)
+        config, each array placed by the sharding of its abstract leaf.
+
+        A checkpoint saved in the other block layout (``model.scan_layers``) is read in its own
+        layout and converted (gf_jax.layers), layer by layer, into the one asked for."""
+        from gf_jax import layers
+
+        saved_stacked = bool(self.saved_config(step).get("model", {}).get("scan_layers", False))
+        convert = (layers.layout(abstract_model) == "stacked") != saved_stacked
+        targets = {"model": abstract_model, "optimizer": abstract_opt}
+        items = dict(loop=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+        for name, abstract in targets.items():
+            if abstract is not None:
+                items[name] = ocp.args.StandardRestore(layers.other_layout(abstract) if convert else abstract)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {name: restored[name] for name in items}
+        out = {name: restored[name] for name in items}
+        if convert:
+            for name, abstract in targets.items():
+                if abstract is not None:
+                    out[name] = layers.convert(out[name], abstract, consume=True)
+        return out
 
     def saved_config(self, step: int) -> dict:
         """The run config (a plain dict) saved with ``step``."""
@@ -261,7 +271,7 @@ def find_tokenizer(run_dir: str, config) -> str:
 
 
 def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype: str | None = None,
-               base: str | None = None):
+               base: str | None = None, scan_layers: bool | None = None):
     """Restores a trained model from a run directory or a Hugging Face model directory.
 
     Args:
@@ -275,6 +285,8 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype:
       base: LoRA runs and PEFT directories only: the base model (default: the run's
         ``train.init_from``; a PEFT directory's ``base_model_name_or_path``); a run's base must be
         the model its adapters were trained on (its fingerprint is checked).
+      scan_layers: the block layout of the returned model (``model.scan_layers``; default: the
+        run's own, unrolled for an HF directory); a checkpoint in the other layout is converted.
 
     Returns:
       (model: gf_jax.model.Transformer, run_config: gf_jax.config.RunConfig, tokenizer).
@@ -285,24 +297,27 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, param_dtype:
     from gf_jax.hf.peft import is_peft_dir, load_peft
 
     if is_hf_dir(run_dir):
-        return _load_hf_model(run_dir, mesh=mesh, param_dtype=param_dtype)
+        return _load_hf_model(run_dir, mesh=mesh, param_dtype=param_dtype, scan_layers=scan_layers)
     if is_peft_dir(run_dir):
         return load_peft(run_dir, base, mesh=mesh, param_dtype=param_dtype)
-    return _load_run_model(run_dir, step, mesh=mesh, base=base)
+    return _load_run_model(run_dir, step, mesh=mesh, base=base, scan_layers=scan_layers)
 
 
-def _load_hf_model(hf_dir: str, *, mesh=None, param_dtype: str | None = None):
+def _load_hf_model(hf_dir: str, *, mesh=None, param_dtype: str | None = None, scan_layers: bool | None = None):
     from gf_jax.hf.load import load_model as load_hf
     from gf_jax.hf.runs import run_config
     from gf_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(hf_dir)
     overrides = {"param_dtype": param_dtype} if param_dtype else {}
+    if scan_layers is not None:
+        overrides["scan_layers"] = scan_layers
     config = run_config(hf_dir, tokenizer, **overrides)
     return load_hf(hf_dir, config.model, mesh=mesh), config, tokenizer
 
 
-def _load_run_model(run_dir: str, step: int | None, *, mesh=None, base: str | None = None):
+def _load_run_model(run_dir: str, step: int | None, *, mesh=None, base: str | None = None,
+                    scan_layers: bool | None = None):
     from flax import nnx
 
     from gf_jax import lora
@@ -323,6 +338,8 @@ def _load_run_model(run_dir: str, step: int | None, *, mesh=None, base: str | No
 
         def restore(step):
             config = config_from_dict(ckpt.saved_config(step))
+            if scan_layers is not None:  # the layout asked for; Checkpointer.restore converts
+                config = dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=scan_layers))
             abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
             graphdef, abstract_state = nnx.split(abstract)
             if mesh is None:
@@ -435,9 +452,10 @@ def load_pretrained_params(path: str, abstract_state, shardings, model_config):
         ckpt.close()
 
 
-def load_pretrained(path: str, *, mesh=None, param_dtype: str | None = None):
+def load_pretrained(path: str, *, mesh=None, param_dtype: str | None = None, scan_layers: bool | None = None):
     """``(model, ModelConfig, tokenizer)`` of an HF directory, run directory or ``RUN_DIR@STEP``
     (parameters on ``mesh`` by the logical-axis rules, or on the first local device)."""
     run_path, step = split_step(path)
-    model, config, tokenizer = load_model(run_path, step, mesh=mesh, param_dtype=param_dtype)
+    model, config, tokenizer = load_model(run_path, step, mesh=mesh, param_dtype=param_dtype,
+                                          scan_layers=scan_layers)
     return model, config.model, tokenizer

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass
@@ -46,18 +47,21 @@ def _identity(x):
     return x
 
 
-def _batch_constraint(mesh):
-    """Pins the leading (batch) dim of decode-time arrays to the mesh's data axes, like training."""
+def _batch_constraint(mesh, axis: int = 0):
+    """Pins the batch dim (``axis``) of decode-time arrays to the mesh's data axes, like training.
+    The KV cache's batch axis is ``model.cache_batch_axis`` (1 for a stacked ``L x B x ...`` cache)."""
     if mesh is None:
         return _identity
     from gf_jax.sharding import batch_sharding
 
-    sharding = batch_sharding(mesh)
+    rows = batch_sharding(mesh).spec[0]
+    sharding = NamedSharding(mesh, PartitionSpec(*([None] * axis), rows))
     return lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
 def _prefill(model, tokens_BxP, starts_B, n_slots, constrain):
-    """Empty cache of ``n_slots`` slots with the prompts' K/V written at slots [0, P).
+    """Empty cache of ``n_slots`` slots with the prompts' K/V written at slots [0, P)
+    (``constrain`` places the cache's rows, see :func:`_batch_constraint`).
 
     The prefill logits are not used (the last prompt token is fed again by the first decode
     step), so XLA drops the B x P x V output projection entirely.
@@ -105,7 +109,8 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
     b, p = tokens_BxP.shape
     cache = _prefill(model, tokens_BxP, starts_B, p + n_new, constrain)
     # Prefill once per prompt, then give every beam its own copy of the prompt's cache.
-    cache = constrain(jax.tree.map(lambda c: jnp.repeat(c, width, axis=0), cache))
+    rows_axis = model.cache_batch_axis
+    cache = constrain(jax.tree.map(lambda c: jnp.repeat(c, width, axis=rows_axis), cache))
     lengths_R = jnp.repeat(lengths_B, width)
     starts_R = jnp.repeat(starts_B, width)
     # Only beam 0 is live at the start, so the first step picks W distinct tokens. (If W exceeds
@@ -126,7 +131,7 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
         parent_BxW, token_BxW = flat_BxW // v, (flat_BxW % v).astype(jnp.int32)
         # Each surviving hypothesis takes over its parent's cache rows and token history.
         rows_R = (row_base_Bx1 + parent_BxW).reshape(-1)
-        cache = constrain(jax.tree.map(lambda c: jnp.take(c, rows_R, axis=0), cache))
+        cache = constrain(jax.tree.map(lambda c: jnp.take(c, rows_R, axis=rows_axis), cache))
         out_BxWxA = jnp.take_along_axis(out_BxWxA, parent_BxW[:, :, None], axis=1)
         out_BxWxA = jax.lax.dynamic_update_slice_in_dim(out_BxWxA, token_BxW[:, :, None], t, axis=2)
         return cache, token_BxW.reshape(-1), out_BxWxA, scores_BxW
@@ -144,12 +149,12 @@ def _beam(model, tokens_BxP, lengths_B, starts_B, n_new: int, width: int, constr
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "beam_width", "mesh"))
 def _decode_jit(graphdef, state, tokens_BxP, lengths_B, starts_B, *, n_new, beam_width, mesh):
     model = nnx.merge(graphdef, state)
-    constrain = _batch_constraint(mesh)
-    tokens_BxP, lengths_B, starts_B = constrain((tokens_BxP, lengths_B, starts_B))
+    tokens_BxP, lengths_B, starts_B = _batch_constraint(mesh)((tokens_BxP, lengths_B, starts_B))
+    constrain_cache = _batch_constraint(mesh, model.cache_batch_axis)
     if beam_width == 1:
-        out = _greedy(model, tokens_BxP, lengths_B, starts_B, n_new, constrain)
+        out = _greedy(model, tokens_BxP, lengths_B, starts_B, n_new, constrain_cache)
     else:
-        out = _beam(model, tokens_BxP, lengths_B, starts_B, n_new, beam_width, constrain)
+        out = _beam(model, tokens_BxP, lengths_B, starts_B, n_new, beam_width, constrain_cache)
     return replicate_outputs(out, mesh)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,8 @@ _REMAT = ("none", "full", "save_dots", "minimal")
 # Name of the saved MLP input for the ``minimal`` remat policy.
 _MLP_IN = "mlp_in"
 _ROPE_SCALING = ("none", "linear", "llama3")
+# Logical name of the stacked layer axis (``model.scan_layers``); never sharded.
+LAYERS = "layers"
 # Logical axes of the residual stream: batch-sharded, replicated along length and d_model. Without
 # this hint, propagation may follow the fsdp-sharded weights and split activations along d_model.
 _RESIDUAL = ("batch", "length", "act_embed")
@@ -50,7 +51,9 @@ class ModelConfig:
     float32 on CPU). Norms, RoPE and the attention softmax always run in float32.
     ``remat``: ``"none"`` keeps all activations, ``"full"`` recomputes each block in the backward
     pass, ``"save_dots"`` keeps only the weight matmul outputs
-    (``jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims``).
+    (``jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims``), ``"minimal"`` only each
+    block's attention output and MLP input. ``scan_layers`` runs the blocks as one ``lax.scan``
+    over stacked weights (the policy then applies per layer inside the scan body).
     """
 
     vocab_size: int = 512
@@ -67,6 +70,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    # Stack the blocks into one module with a leading layer axis and run them with a scan: one
+    # block is compiled instead of n_layers (compile time flat in depth); the state layout differs
+    # (``layers`` instead of ``blocks``; gf_jax.layers converts checkpoints between the two).
+    scan_layers: bool = False
     attention: str = "auto"
     attention_block_q: int = 512    # splash attention tiles (multiples of 128; cut to divide T)
     attention_block_kv: int = 512
@@ -328,6 +335,32 @@ def _remat_policy(name: str):
     }[name]
 
 
+def _remat_layer(fn, name: str):
+    """``fn`` (one layer of the scan body) under the remat policy ``name`` (``none``: as is).
+
+    Under a scan the forward and the backward pass are separate loops, so XLA cannot fold the
+    recomputation back into the forward pass; ``prevent_cse``'s barriers would only cost (as the
+    ``jax.checkpoint`` docs say for scans).
+    """
+    if name == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_remat_policy(name), prevent_cse=False)
+
+
+def stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """``config.n_layers`` Blocks as one Block whose every variable has a leading ``L`` axis.
+
+    The layer axis carries the logical name ``"layers"`` (added as ``nnx.vmap`` would), which
+    gf_jax.sharding maps to no mesh axis: a layer's slice is sharded like an unrolled block's
+    weight, so the scan all-gathers one layer at a time under fsdp. The values are the unrolled
+    blocks' own draws from ``rngs``, stacked, so a seed gives the same model in both layouts.
+    """
+    blocks = [Block(config, rngs=rngs) for _ in range(config.n_layers)]
+    graphdef, first = nnx.split(blocks[0])
+    state_L = jax.tree.map(lambda *layers: jnp.stack(layers), first, *(nnx.state(b) for b in blocks[1:]))
+    return nnx.merge(graphdef, nnx.spmd.add_axis(state_L, 0, {nnx.PARTITION_NAME: LAYERS}))
+
+
 class Transformer(nnx.Module):
     """Decoder-only LLaMA. ``__call__`` returns logits in the compute dtype."""
 
@@ -335,7 +368,10 @@ class Transformer(nnx.Module):
         self.config = config
         init, wd = nnx.initializers.normal(config.init_std), config.weight_dtype
         self.embedding = _param(rngs, init, (config.vocab_size, config.d_model), ("vocab", "embed"), wd)
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        if config.scan_layers:
+            self.layers = stacked_blocks(config, rngs)
+        else:
+            self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model, config)
         if not config.tie_embeddings:
             self.lm_head = _param(rngs, init, (config.d_model, config.vocab_size), ("embed", "vocab"), wd)
@@ -370,7 +406,11 @@ class Transformer(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         h_BxTxD = constrain(self.embed(tokens_BxT), _RESIDUAL)
+        run = self._scanned_blocks if self.config.scan_layers else self._unrolled_blocks
+        h_BxTxD = run(h_BxTxD, positions_BxT, segment_ids_BxT)
+        return self.final_norm(h_BxTxD, self.config.compute_dtype)
 
+    def _unrolled_blocks(self, h_BxTxD, positions_BxT, segment_ids_BxT):
         def run_block(block, h, positions, segments):
             return block(h, positions, segments)
 
@@ -378,7 +418,22 @@ class Transformer(nnx.Module):
             run_block = nnx.remat(run_block, policy=_remat_policy(self.config.remat))
         for block in self.blocks:
             h_BxTxD = constrain(run_block(block, h_BxTxD, positions_BxT, segment_ids_BxT), _RESIDUAL)
-        return self.final_norm(h_BxTxD, self.config.compute_dtype)
+        return h_BxTxD
+
+    def _scanned_blocks(self, h_BxTxD, positions_BxT, segment_ids_BxT):
+        """The stacked blocks as one ``lax.scan``: the residual stream is the carry, layer l's
+        variables the l-th slice of the stacked state; the remat policy applies per layer."""
+        graphdef, state_L = nnx.split(self.layers)
+
+        def layer(h, layer_state, positions, segments):
+            block = nnx.merge(graphdef, layer_state)
+            return constrain(block(h, positions, segments), _RESIDUAL)
+
+        layer = _remat_layer(layer, self.config.remat)
+        h_BxTxD, _ = jax.lax.scan(
+            lambda h, layer_state: (layer(h, layer_state, positions_BxT, segment_ids_BxT), None), h_BxTxD, state_L
+        )
+        return h_BxTxD
 
     def output_weights(self):
         """``w_DxV`` of the output head in the compute dtype (the embedding transposed if tied)."""
@@ -392,10 +447,20 @@ class Transformer(nnx.Module):
 
     # ---- KV-cache decoding ----------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, max_len: int) -> list[dict[str, Any]]:
-        """Empty cache: one ``{"k", "v"}`` dict per layer, each ``B x S x K x H`` in the compute dtype."""
+    @property
+    def cache_batch_axis(self) -> int:
+        """The batch axis of every array of :meth:`init_cache`'s cache (1 under ``scan_layers``)."""
+        return 1 if self.config.scan_layers else 0
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """Empty cache in the compute dtype: one ``{"k", "v"}`` dict per layer, each
+        ``B x S x K x H``; under ``scan_layers`` one dict of stacked ``L x B x S x K x H`` arrays
+        (the scan's per-layer slices)."""
         c = self.config
         shape = (batch_size, max_len, c.n_kv_heads, c.resolved_head_dim)
+        if c.scan_layers:
+            stacked = (c.n_layers, *shape)
+            return {"k": jnp.zeros(stacked, c.compute_dtype), "v": jnp.zeros(stacked, c.compute_dtype)}
         return [
             {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
             for _ in range(c.n_layers)
@@ -414,12 +479,32 @@ class Transformer(nnx.Module):
         b, t = tokens_BxT.shape
         cache_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
         h_BxTxD = self.embed(tokens_BxT)
-        new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
-            h_BxTxD, layer_cache = block.decode(h_BxTxD, positions_BxT, layer_cache, cache_index_B)
-            new_cache.append(layer_cache)
+        if self.config.scan_layers:
+            h_BxTxD, new_cache = self._decode_scanned(h_BxTxD, positions_BxT, cache, cache_index_B)
+        else:
+            new_cache = []
+            for block, layer_cache in zip(self.blocks, cache):
+                h_BxTxD, layer_cache = block.decode(h_BxTxD, positions_BxT, layer_cache, cache_index_B)
+                new_cache.append(layer_cache)
         h_BxTxD = self.final_norm(h_BxTxD, self.config.compute_dtype)
         return h_BxTxD @ self.output_weights(), new_cache
+
+    def _decode_scanned(self, h_BxTxD, positions_BxT, cache, cache_index_B):
+        """Stacked blocks scanned with the stacked cache in the carry: layer l reads its
+        ``B x S x K x H`` slices and writes them back in place (as scan outputs, the whole cache
+        would be copied at every decoding step)."""
+        graphdef, state_L = nnx.split(self.layers)
+
+        def layer(carry, xs):
+            h, cache = carry
+            index, layer_state = xs
+            layer_cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, keepdims=False), cache)
+            h, layer_cache = nnx.merge(graphdef, layer_state).decode(h, positions_BxT, layer_cache, cache_index_B)
+            cache = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, index, 0), cache, layer_cache)
+            return (h, cache), None
+
+        (h_BxTxD, cache), _ = jax.lax.scan(layer, (h_BxTxD, cache), (jnp.arange(self.config.n_layers), state_L))
+        return h_BxTxD, cache
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gf_jax.layers import stacked_ndim
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -67,7 +69,8 @@ def make_optimizer(o: OptimizerConfig, total_steps: int) -> optax.GradientTransf
         b2=o.b2,
         eps=o.eps,
         weight_decay=o.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        # By the rank of one layer's weight, so norm scales stacked by model.scan_layers stay undecayed.
+        mask=lambda params: jax.tree_util.tree_map_with_path(lambda path, p: stacked_ndim(path, p) >= 2, params),
     )
     if o.clip > 0:
         return optax.chain(optax.clip_by_global_norm(o.clip), adamw)

@@ -34,6 +34,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked layer axis of model.scan_layers: each device holds every layer's shard
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

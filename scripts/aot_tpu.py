@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     m, t = config.model, config.train
     micro = t.global_batch // t.grad_accum
     print(f"{args.config} {' '.join(args.overrides)} on {args.topology} ({len(devices)} chips): "
-          f"remat={m.remat} attention={m.attention} dtype={m.dtype} mesh={config.mesh} "
+          f"remat={m.remat} scan_layers={m.scan_layers} attention={m.attention} dtype={m.dtype} mesh={config.mesh} "
           f"global_batch={t.global_batch} grad_accum={t.grad_accum} (micro-batch {micro} rows) "
           f"seq_len={t.seq_len} loss.chunk_size={config.loss.chunk_size}", flush=True)
     _, report = aot.compile_train_step(config, devices)

@@ -55,6 +55,9 @@ def hf_model_from(model, config):
     def t(x):
         return torch.from_numpy(np.asarray(x, np.float32).copy())
 
+    from gf_jax.layers import relayout
+
+    model = relayout(model, scan_layers=False)  # one block per HF layer
     with torch.no_grad():
         hf.model.embed_tokens.weight.copy_(t(model.embedding[...]))
         for layer, block in zip(hf.model.layers, model.blocks):
@@ -85,6 +88,8 @@ def main():
     parser.add_argument("--cores", type=int, default=0, help="pin to this many CPU cores (0: no pinning)")
     parser.add_argument("--no-recompute", action="store_true", help="skip the recomputation baseline")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    parser.add_argument("--scan-layers", choices=["config", "true", "false"], default="config",
+                        help="model.scan_layers: the config's, or scanned / unrolled blocks and KV cache")
     args = parser.parse_args()
     if args.cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
@@ -96,13 +101,15 @@ def main():
     from gf_jax.generate import decode_batch, decode_batch_recompute
     from gf_jax.model import Transformer, param_count
 
-    config = load_config(args.config).model
+    overrides = [] if args.scan_layers == "config" else [f"model.scan_layers={args.scan_layers}"]
+    config = load_config(args.config, overrides).model
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     if P + N > config.max_seq_len:
         raise SystemExit(f"--prompt-len + --new-tokens = {P + N} exceeds model.max_seq_len={config.max_seq_len}.")
     model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
     prompts_BxP = np.random.default_rng(0).integers(0, config.vocab_size, (B, P)).astype(np.int32)
-    print(f"model {args.config}: {param_count(config) / 1e6:.1f}M params, compute {np.dtype(config.compute_dtype)}, "
+    print(f"model {args.config}: {param_count(config) / 1e6:.1f}M params, scan_layers={config.scan_layers}, "
+          f"compute {np.dtype(config.compute_dtype)}, "
           f"device {jax.devices()[0].device_kind}; batch {B}, prompt {P}, {N} new tokens")
 
     results = {}

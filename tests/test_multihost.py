@@ -260,8 +260,9 @@ def test_two_processes_preempted_and_resumed_train_like_one_process(tmp_path, to
 
 
 def test_four_processes_train_like_one_process(tmp_path, tokenizer_path, monkeypatch):
-    """4 processes x 2 devices on a data=2 x fsdp=4 mesh equal one process on 8 devices."""
-    mesh = ["mesh.data=2", "mesh.fsdp=4"]
+    """4 processes x 2 devices on a data=2 x fsdp=4 mesh equal one process on 8 devices, with
+    scanned layers (stacked weights saved by every process, restored in one)."""
+    mesh = ["mesh.data=2", "mesh.fsdp=4", "model.n_layers=2", "model.scan_layers=true"]
     with Cluster(4, tmp_path / "run", tokenizer_path, tmp_path, extra=mesh) as cluster:
         assert cluster.wait(300) == [0, 0, 0, 0], cluster.output()
         assert "{'data': 2, 'fsdp': 4, 'tensor': 1}" in cluster.output(0)

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from gf_jax import layers
 from gf_jax.hf import config as hf_config
 from gf_jax.hf import weights
 from gf_jax.hf.runs import hf_metadata_dir
@@ -32,27 +33,40 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bf
 
 def _hf_order(path: tuple) -> tuple:
     """HF's tensor order: embedding, layers in order, final norm, head (readable indexes)."""
-    if path[0] == "blocks":
+    if path[0] == layers.UNROLLED:
         return (1, path[1], path[2:])
     return ({"embedding": 0, "final_norm": 2, "lm_head": 3}[path[0]], 0, ())
+
+
+def _per_layer(flat) -> list:
+    """``(path, array)`` of every parameter in the unrolled layout: a stacked parameter
+    (``model.scan_layers``) gives one entry per layer, its slices cut lazily (on the device)."""
+    out = []
+    for path, variable in flat:
+        array = variable.get_value()
+        if layers.is_stacked(path):
+            out += [(layers.unrolled_path(path, i), (array, i)) for i in range(array.shape[0])]
+        else:
+            out.append((path, (array, None)))
+    return out
 
 
 def tensor_specs(model, dtype: str) -> list:
     """``(hf_name, hf_shape, dtype, producer)`` of every parameter, producers converting lazily."""
     config = model.config
     names = weights.parameter_names(config)
-    flat = sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: _hf_order(kv[0]))
+    flat = sorted(_per_layer(nnx.to_flat_state(nnx.state(model, nnx.Param))), key=lambda kv: _hf_order(kv[0]))
     np_dtype = _NP_DTYPES[dtype]
     specs = []
-    for path, variable in flat:
+    for path, (array, layer) in flat:
         hf_name, layout = names[path]
-        array = variable.get_value()
+        shape = array.shape if layer is None else array.shape[1:]
 
-        def produce(array=array, layout=layout):
-            host = np.asarray(jax.device_get(array))
+        def produce(array=array, layer=layer, layout=layout):
+            host = np.asarray(jax.device_get(array if layer is None else array[layer]))
             return np.ascontiguousarray(weights.to_hf(host, layout)).astype(np_dtype)
 
-        specs.append((hf_name, weights.hf_shape(layout, array.shape), np_dtype, produce))
+        specs.append((hf_name, weights.hf_shape(layout, shape), np_dtype, produce))
     return specs
 
 

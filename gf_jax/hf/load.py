@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gf_jax import layers
 from gf_jax.hf import weights
 from gf_jax.hf.safetensors_io import SafetensorsReader
 from gf_jax.model import ModelConfig, Transformer
@@ -37,7 +38,8 @@ def load_params(hf_dir: str, abstract_state, shardings, config: ModelConfig):
     Args:
       hf_dir: a Hugging Face model directory (safetensors weights).
       abstract_state: ``nnx.split(nnx.eval_shape(lambda: Transformer(config, ...)))[1]``; its
-        leaves' dtypes are the dtypes the arrays get (the checkpoint's are cast).
+        leaves' dtypes are the dtypes the arrays get (the checkpoint's are cast). Either block
+        layout: a stacked parameter (``model.scan_layers``) is filled from every layer's tensor.
       shardings: a matching tree of ``jax.sharding.Sharding`` (e.g. from
         ``gf_jax.sharding.model_shardings``): where each array is placed.
       config: the ModelConfig ``abstract_state`` was built from.
@@ -45,29 +47,41 @@ def load_params(hf_dir: str, abstract_state, shardings, config: ModelConfig):
     reader = SafetensorsReader(hf_dir)
     names = weights.parameter_names(config)
     _check_tensors(reader, names, config, hf_dir)
-    flat_abstract = nnx.to_flat_state(abstract_state)
     flat_shardings = dict(nnx.to_flat_state(shardings))
     leaves = []
-    for path, variable in flat_abstract:
-        hf_name, layout = names[path]
-        shape, dtype = variable.shape, variable.dtype
-        expected = weights.hf_shape(layout, shape)
+    for path, variable in nnx.to_flat_state(abstract_state):
+        sharding = flat_shardings[path]
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        array = _read_parameter(reader, names, path, variable.shape, variable.dtype, sharding, hf_dir)
+        leaves.append((path, variable.replace(array)))
+    return nnx.from_flat_state(leaves)
+
+
+def _read_parameter(reader: SafetensorsReader, names: dict, path: tuple, shape, dtype, sharding, hf_dir: str):
+    """One parameter of ours, each device shard read from the HF tensor(s) it covers. A stacked
+    parameter's leading axis runs over the layers: shard rows come from each layer's tensor."""
+    stacked = layers.is_stacked(path)
+    sources = [names[layers.unrolled_path(path, i)] for i in range(shape[0])] if stacked else [names[path]]
+    layout, layer_shape = sources[0][1], tuple(shape[1:] if stacked else shape)
+    expected = weights.hf_shape(layout, layer_shape)
+    for hf_name, _ in sources:
         if reader.shape(hf_name) != expected:
             raise ValueError(f"tensor {hf_name} in {hf_dir!r} has shape {reader.shape(hf_name)}, but its "
                              f"config.json implies {expected}; the checkpoint does not match its config.")
-        view = reader.view(hf_name)
-        sharding = flat_shardings[path]
-        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-        array = jax.make_array_from_callback(
-            shape, sharding,
-            lambda index, view=view, layout=layout, shape=shape, dtype=dtype: weights.read_block(
-                view, layout, shape, index).astype(dtype, copy=False),
-        )
-        array.block_until_ready()  # the pages may be dropped only once the shards hold copies
-        del view
+    views = [reader.view(hf_name) for hf_name, _ in sources]
+
+    def read(index):
+        if not stacked:
+            return weights.read_block(views[0], layout, layer_shape, index).astype(dtype, copy=False)
+        rows = range(*index[0].indices(shape[0])) if index else range(shape[0])
+        return np.stack([weights.read_block(views[i], layout, layer_shape, index[1:]) for i in rows]).astype(dtype)
+
+    array = jax.make_array_from_callback(tuple(shape), sharding, read)
+    array.block_until_ready()  # the pages may be dropped only once the shards hold copies
+    views.clear()  # drop the memory maps before their pages are released
+    for hf_name, _ in sources:
         reader.release(hf_name)
-        leaves.append((path, variable.replace(array)))
-    return nnx.from_flat_state(leaves)
+    return array
 
 
 def abstract_model(config: ModelConfig):
