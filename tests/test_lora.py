@@ -328,3 +328,28 @@ def test_peft_settings_the_adapters_cannot_represent_are_named(tmp_path, setting
     (tmp_path / "adapter_config.json").write_text(json.dumps(values))
     with pytest.raises(ValueError, match=message):
         read_adapter_config(str(tmp_path))
+
+
+def test_lora_with_scanned_layers_trains_loads_and_exports_like_unrolled(lora_run, tmp_path):
+    # The adapters are stacked with their blocks: the same run with model.scan_layers trains the same
+    # losses, loads in either layout, and exports the same PEFT tensors.
+    run_dir, _, losses = lora_run
+    scanned_dir = str(tmp_path / "scanned")
+    Trainer(lora_config(scanned_dir, "model.param_dtype=bfloat16", "model.scan_layers=true")).run()
+    with open(os.path.join(scanned_dir, "metrics.jsonl")) as f:
+        scanned_losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    np.testing.assert_allclose(scanned_losses, losses, rtol=1e-4)
+    scanned, config, _ = load_model(scanned_dir)
+    assert config.model.scan_layers and config.model.lora.rank == 4
+    unrolled = load_model(scanned_dir, scan_layers=False)[0]
+    tokens_BxT = jnp.arange(64).reshape(2, 32) % 320
+    np.testing.assert_allclose(forward(scanned, tokens_BxT), forward(unrolled, tokens_BxT), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(scanned, tokens_BxT), forward(load_model(run_dir)[0], tokens_BxT),
+                               rtol=1e-3, atol=1e-3)
+    for source, name in ((scanned_dir, "from_scanned"), (run_dir, "from_unrolled")):
+        export_run(source, str(tmp_path / name), peft=True)
+    a = SafetensorsReader.of_file(str(tmp_path / "from_scanned" / "adapter_model.safetensors"))
+    b = SafetensorsReader.of_file(str(tmp_path / "from_unrolled" / "adapter_model.safetensors"))
+    assert a.names() == b.names()
+    for name in a.names():
+        np.testing.assert_allclose(np.asarray(a.view(name)), np.asarray(b.view(name)), rtol=1e-3, atol=1e-4)
