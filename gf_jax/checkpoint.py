@@ -398,6 +398,15 @@ def split_step(path: str) -> tuple[str, int | None]:
     return str(path), None
 
 
+def pretrained_step(ckpt: Checkpointer, path: str, step: int | None) -> int:
+    """The step of run ``path`` that ``train.init_from`` means: ``step``, or the newest."""
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{path} is neither a Hugging Face model directory nor a run with checkpoints; "
+                                "set train.init_from to one of them.")
+    return steps[-1] if step is None else step
+
+
 def pretrained_model_config(path: str) -> ModelConfig:
     """The architecture of ``path`` (an HF directory, a run directory, or ``RUN_DIR@STEP``) as a
     ModelConfig; the caller may replace non-architecture fields (dtypes, remat, max_seq_len) and
@@ -413,11 +422,7 @@ def pretrained_model_config(path: str) -> ModelConfig:
 
     ckpt = Checkpointer(path, async_save=False)
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{path} is neither a Hugging Face model directory nor a run with checkpoints; "
-                                    "set train.init_from to one of them.")
-        model = config_from_dict(ckpt.saved_config(steps[-1] if step is None else step)).model
+        model = config_from_dict(ckpt.saved_config(pretrained_step(ckpt, path, step))).model
     finally:
         ckpt.close()
     if model.lora.enabled:  # its checkpoints hold adapters only, which are not a model to start from

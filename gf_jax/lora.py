@@ -306,15 +306,11 @@ def _safetensors_identity(hf_dir: str) -> dict:
 def _run_identity(run_dir: str, step: int | None) -> dict:
     from etils import epath
 
-    from gf_jax.checkpoint import Checkpointer
+    from gf_jax.checkpoint import Checkpointer, pretrained_step
 
     ckpt = Checkpointer(run_dir, async_save=False)
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{run_dir} is neither a Hugging Face model directory nor a run with "
-                                    "checkpoints; set train.init_from to one of them.")
-        step = steps[-1] if step is None else step
+        step = pretrained_step(ckpt, run_dir, step)
         root = epath.Path(ckpt.directory) / str(step) / "model"
     finally:
         ckpt.close()
