@@ -31,7 +31,6 @@ import re
 import sys
 from collections.abc import Sequence
 
-from gf_jax.distributed import is_main_process
 from gf_jax.experiments import cli, corpus, evaluation, tables
 from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
@@ -258,9 +257,7 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
 
     protocol = Protocol("canary", arm_label, configure, evaluate,
                         lambda results: write_outputs(out, results, exp, base, meta))
-    results, table = run_arms(protocol, make_arms(exp, special_ids(tokenizer)), devices=devices, fresh=args.fresh)
-    if is_main_process():
-        tables.print_summary(table, out)
+    results = run_arms(protocol, make_arms(exp, special_ids(tokenizer)), devices=devices, fresh=args.fresh, out=out)
     return {"out": out, "arms": results, "meta": meta}
 
 

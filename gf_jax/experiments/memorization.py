@@ -32,7 +32,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gf_jax.distributed import is_main_process
 from gf_jax.experiments import base_model, cli, corpus, evaluation, tables
 from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
@@ -42,7 +41,8 @@ from gf_jax.tokenizer import corpus_tokenizer
 
 DEFAULT_ARMS = ("standard", "goldfish-hash", "goldfish-static", "random-drop", "control")
 # LoRA arms fine-tune a pretrained base (experiment.base_corpus or --init-from): not by default.
-ARM_NAMES = (*DEFAULT_ARMS, "lora-standard", "lora-goldfish-hash")
+LORA_ARMS = ("lora-standard", "lora-goldfish-hash")
+ARM_NAMES = (*DEFAULT_ARMS, *LORA_ARMS)
 PRESET_ALIASES = {"tpu": "llama2_7b"}
 FORMATS = {  # --format -> data source fields
     "wikitext": dict(source="text", split_rule="wikitext"),
@@ -183,7 +183,7 @@ def arm_data(base, docs_path: str, tokenizer):
 
 def check_lora_arms(exp: MemorizationExperiment, init_from: str | None) -> None:
     """LoRA arms train adapters on a frozen base, so there must be one to start from."""
-    lora_arms = [name for name in exp.arms if make_arms(exp, ())[name].lora]
+    lora_arms = [name for name in exp.arms if name in LORA_ARMS]
     if lora_arms and not (exp.base_corpus or init_from):
         raise ValueError(f"arm {lora_arms[0]} trains LoRA adapters on a pretrained base; set experiment.base_corpus "
                          "(and experiment.base_steps) or pass --init-from, or drop the LoRA arms.")
@@ -326,9 +326,7 @@ def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dic
 
     protocol = Protocol("memorization", arm_label, configure, evaluate,
                         lambda results: write_outputs(out, results, exp, base, meta, docs))
-    results, table = run_arms(protocol, make_arms(exp, special_ids(tokenizer)), devices=devices, fresh=args.fresh)
-    if is_main_process():
-        tables.print_summary(table, out)
+    results = run_arms(protocol, make_arms(exp, special_ids(tokenizer)), devices=devices, fresh=args.fresh, out=out)
     return {"out": out, "arms": results, "meta": meta}
 
 

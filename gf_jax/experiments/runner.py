@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from gf_jax.distributed import is_main_process
+from gf_jax.experiments import tables
 from gf_jax.experiments.arms import Arm
 from gf_jax.experiments.io import say
 from gf_jax.experiments.training import train_arm
@@ -31,8 +32,9 @@ class Protocol:
     write_outputs: Callable[[dict], str]
 
 
-def run_arms(protocol: Protocol, arms: dict[str, Arm], *, devices, fresh: bool) -> tuple[dict, str | None]:
-    """Trains and evaluates every arm; returns ({name: result}, the last table written)."""
+def run_arms(protocol: Protocol, arms: dict[str, Arm], *, devices, fresh: bool, out: str) -> dict:
+    """Trains and evaluates every arm, then prints the last table written (results in ``out``);
+    returns {name: result}."""
     results: dict = {}
     table = None
     for name, arm in arms.items():
@@ -44,7 +46,9 @@ def run_arms(protocol: Protocol, arms: dict[str, Arm], *, devices, fresh: bool) 
         results[name] = record_arm(protocol.tag, arm, protocol.label(arm), config, summary, result)
         if is_main_process():  # after every arm: partial results survive an interruption
             table = protocol.write_outputs(results)
-    return results, table
+    if is_main_process():
+        tables.print_summary(table, out)
+    return results
 
 
 def record_arm(tag: str, arm: Arm, label: str, config, summary: dict, result: dict) -> dict:
