@@ -84,7 +84,7 @@ def test_round_trip_documents_ids_order_and_shards(tok, tmp_path, monkeypatch):
     path2 = prepare.prepare_store(config, tok, path=str(tmp_path / "store2"), workers=2, progress=False,
                                   shard_tokens=3000)
     for name in sorted(os.listdir(path)):
-        if name != "manifest.json":
+        if name not in ("manifest.json", "index"):  # index/: the split_tokens call's index files
             assert open(os.path.join(path, name), "rb").read() == open(os.path.join(path2, name), "rb").read(), name
 
 
@@ -219,6 +219,80 @@ def test_a_store_iterator_keeps_int32_per_document_and_nothing_per_row(config, t
     layout, rows = it._epoch(0)
     assert it.tokens.refs_N.dtype == it.lengths.dtype == layout.starts.dtype == np.int32
     assert not isinstance(rows, np.ndarray) and not isinstance(layout.order, np.ndarray)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("computed an index array that the store's index files hold")
+
+
+def test_later_starts_map_the_index_files_instead_of_computing_them(config, tok, tmp_path, monkeypatch):
+    """What makes start-up constant: the first start saves the share's arrays, each epoch's prefix
+    sums and the fingerprint; a later start or resume maps them and computes none of them."""
+    from gf_jax.data import iterator
+
+    cfg = on_store(config, store_dir=str(tmp_path / "store"))
+    kwargs = dict(global_batch=4, seq_len=32, process_index=1, process_count=2, prefetch=0)
+    memory = data.make_train_iterator(config, tok, **kwargs)
+    first = data.make_train_iterator(cfg, tok, **kwargs)
+    steps = [0, 3, memory.rows_per_epoch // 2 + 1]  # the last one in epoch 1
+    want = [memory.batch(s) for s in steps]
+    for s, w in zip(steps, want):
+        assert_same_batch(first.batch(s), w)
+    validation = data.validation_tokens(cfg, tok)
+    names = sorted(os.listdir(tmp_path / "store" / "index"))
+    kinds = [n.split("-")[0] for n in names]
+    assert kinds.count("layout") == 2 and kinds.count("fingerprint") == 1  # epochs 0 and 1
+    assert kinds.count("refs") == kinds.count("lengths") == 2  # the share, and the validation split
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    for name in ("_split_refs", "reference_lengths"):
+        monkeypatch.setattr(stored, name, _refuse)
+    monkeypatch.setattr(iterator, "layout_sums", _refuse)
+    monkeypatch.setattr(iterator.BatchIterator, "_fingerprint", _refuse)
+    again = data.make_train_iterator(cfg, tok, **kwargs)
+    assert again.fingerprint == memory.fingerprint and again.rows_per_epoch == memory.rows_per_epoch
+    assert isinstance(again.tokens.lengths, np.memmap) and isinstance(again._epoch(0)[0].starts, np.memmap)
+    again.set_state({**first.get_state(), "step": steps[-1]})
+    assert_same_batch(next(again), want[-1])
+    for s, w in zip(steps, want):
+        assert_same_batch(again.batch(s), w)
+    for a, b in zip(data.validation_tokens(cfg, tok), validation, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Another seed or T is another layout: computed, never read from the old files.
+    with pytest.raises(AssertionError, match="index files hold"):
+        data.make_train_iterator(dataclasses.replace(cfg, seed=5), tok, **kwargs)
+    with pytest.raises(AssertionError, match="index files hold"):
+        data.make_train_iterator(cfg, tok, **{**kwargs, "seq_len": 16})
+
+
+def test_an_unwritable_index_folder_costs_speed_not_correctness(config, tok, tmp_path, caplog):
+    cfg = on_store(config, store_dir=str(tmp_path / "store"))
+    data.ensure_store(cfg, tok, progress=False)
+    (tmp_path / "store" / "index").write_text("not a folder")  # so nothing can be written under it
+    kwargs = dict(global_batch=4, seq_len=32, process_index=0, process_count=1, prefetch=0)
+    with caplog.at_level("WARNING"):
+        it = data.make_train_iterator(cfg, tok, **kwargs)
+    assert "cannot write the store's index files" in caplog.text
+    memory = data.make_train_iterator(config, tok, **kwargs)
+    assert it.fingerprint == memory.fingerprint
+    for s in (0, 7):
+        assert_same_batch(it.batch(s), memory.batch(s))
+
+
+def test_a_damaged_index_file_is_computed_again(config, tok, tmp_path, caplog):
+    cfg = on_store(config, store_dir=str(tmp_path / "store"))
+    kwargs = dict(global_batch=4, seq_len=32, process_index=0, process_count=1, prefetch=0)
+    first = data.make_train_iterator(cfg, tok, **kwargs)
+    fingerprint, want = first.fingerprint, first.batch(5)
+    del first  # its maps would see the files cut below (rebuilt files are new files: maps stay valid)
+    index = tmp_path / "store" / "index"
+    for path in index.iterdir():  # as if cut short by a crash before the disk had them
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with caplog.at_level("WARNING"):
+        got = data.make_train_iterator(cfg, tok, **kwargs)
+    assert "is damaged; computing it again" in caplog.text
+    assert got.fingerprint == fingerprint
+    assert_same_batch(got.batch(5), want)
 
 
 def test_each_process_gets_the_in_memory_share_disjoint_and_complete(config, tok):

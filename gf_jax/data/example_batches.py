@@ -37,6 +37,7 @@ class ExampleLayout:
             fill += n
         self.row_firsts = np.asarray(firsts + [len(order)], np.int64)
         self.num_rows = len(firsts)
+        self.has_targets = bool(len(lengths)) and int(np.max(lengths)) >= 2  # targets stay inside an example
 
     def row(self, r: int) -> list[tuple[int, int, int]]:
         """Pieces of row r: (example index, 0, its length) for each example in it."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from gf_jax.batch import Batch
 from gf_jax.data.config import MODES, check_choice
-from gf_jax.data.packing import RowLayout, assemble_rows
+from gf_jax.data.packing import RowLayout, assemble_rows, layout_sums
 from gf_jax.data.shuffle import ALGORITHMS, CHUNK, epoch_order, resolve_algorithm
 from gf_jax.data.sources import Document
 
@@ -91,9 +91,8 @@ class BatchIterator:
         self.tokens, self.lengths = token_arrays(tokens)
         # A store's documents are made on access (a list would read the whole share).
         self.documents = documents if documents is None or hasattr(tokens, "lengths") else list(documents)
-        if not len(self.tokens) or self.lengths.sum() < 2 or (mode == "document" and self.lengths.max() < 2):
-            raise ValueError(f"process {self.process_index} has no document with at least 2 tokens to train on; "
-                             "use more (or longer) documents or fewer processes.")
+        # A store's per-epoch arrays and fingerprint are saved in (and mapped from) its index files.
+        self._index_cache = getattr(tokens, "index_cache", None)
         self.global_batch, self.local_batch, self.seq_len = global_batch, global_batch // self.process_count, seq_len
         self.seed, self.mode, self.pad_id, self.shuffle = int(seed), mode, int(pad_id), bool(shuffle)
         self.with_doc_ids, self.prefetch, self.context = with_doc_ids, int(prefetch), int(context)
@@ -101,12 +100,24 @@ class BatchIterator:
         self.shuffle_algorithm = "feistel" if shuffle_algorithm == "auto" else shuffle_algorithm
         self._epoch_cache: dict[int, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
+        if not len(self.tokens) or not self._epoch(0)[0].has_targets:
+            raise ValueError(f"process {self.process_index} has no document with at least 2 tokens to train on; "
+                             "use more (or longer) documents or fewer processes.")
         self.rows_per_epoch = self._epoch(0)[0].num_rows
         self._step = 0
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
-        self.fingerprint = self._fingerprint()
+        self.fingerprint = self._cached("fingerprint", self._fingerprint, text=True, global_batch=self.global_batch)
+
+    def _cached(self, kind: str, build, text: bool = False, **key):
+        """``build()``, or for a store its index file keyed by the store's share and these settings."""
+        if self._index_cache is None:
+            return build()
+        key = {"tokens": self.tokens.cache_key, "seed": self.seed, "process": [self.process_index, self.process_count],
+               "seq_len": self.seq_len, "mode": self.mode,
+               "shuffle": self.shuffle, **key}
+        return (self._index_cache.text if text else self._index_cache.array)(kind, key, build)
 
     def _fingerprint(self) -> str:
         """Hash of what decides the batches (not ``context``, which only adds a field): a resumed
@@ -124,7 +135,10 @@ class BatchIterator:
         return epoch_order(n, (self.seed, self.process_index, epoch, tag), self.shuffle_algorithm, self.shuffle)
 
     def _layout(self, epoch: int) -> RowLayout:
-        return RowLayout(self.lengths, self._order(len(self.tokens), epoch, 1), self.seq_len, self.mode)
+        order = self._order(len(self.tokens), epoch, 1)
+        sums_N1 = self._cached("layout", lambda: layout_sums(self.lengths, order, self.seq_len, self.mode),
+                               epoch=epoch, algorithm=self.shuffle_algorithm)
+        return RowLayout(self.lengths, order, self.seq_len, self.mode, sums_N1)
 
     def _epoch(self, epoch: int) -> tuple[RowLayout, Any]:
         """(layout, row order) of ``epoch``; the two latest are cached."""

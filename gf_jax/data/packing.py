@@ -39,26 +39,43 @@ def prefix_sums(chunks, n: int, total: int) -> np.ndarray:
     return out_N1
 
 
+def layout_sums(lengths: np.ndarray, order, seq_len: int, mode: str) -> np.ndarray:
+    """The prefix sums a ``RowLayout`` keeps (n + 1 entries): ``packed``, each document's first
+    token in the epoch's stream; ``document``, each document's first row."""
+    total = int(np.sum(lengths, dtype=np.int64))
+    if mode == "packed":
+        return prefix_sums(gather_chunks(order, lengths), len(order), total)
+    pieces = (np.maximum(0, -(-(n.astype(np.int64) - 1) // seq_len)) for n in gather_chunks(order, lengths))
+    return prefix_sums(pieces, len(order), total)
+
+
 class RowLayout:
     """Rows of one epoch: documents in ``order``, cut into rows of T+1 tokens with stride T.
 
     ``packed``: the documents form one stream; ``document``: each document is cut on its own.
     ``order`` is anything indexable like an int array (an array, or a lazy
     ``gf_jax.data.shuffle`` order); the layout keeps one prefix-sum array (int32 where it fits),
-    4-8 bytes per document, and reads the order only where a row needs it.
+    4-8 bytes per document (``sums_N1``: ``layout_sums``, computed unless given, e.g. memory-mapped
+    from the store's index files), and reads the order only where a row needs it.
     """
 
-    def __init__(self, lengths: np.ndarray, order, seq_len: int, mode: str):
+    def __init__(self, lengths: np.ndarray, order, seq_len: int, mode: str, sums_N1: np.ndarray | None = None):
         self.lengths, self.order, self.T, self.mode = lengths, order, seq_len, mode
-        total = int(np.sum(lengths, dtype=np.int64))
+        if sums_N1 is None:
+            sums_N1 = layout_sums(lengths, order, seq_len, mode)
         if mode == "packed":
-            # Stream offset of each document in this order, and the total at the end.
-            self.starts = prefix_sums(gather_chunks(order, lengths), len(order), total)
-            self.num_rows = max(1, -(-(total - 1) // seq_len))
+            self.starts = sums_N1  # stream offset of each document in this order, the total at the end
+            self.num_tokens = int(sums_N1[-1])
+            self.num_rows = max(1, -(-(self.num_tokens - 1) // seq_len))
         else:
-            pieces = (np.maximum(0, -(-(n.astype(np.int64) - 1) // seq_len)) for n in gather_chunks(order, lengths))
-            self.row_starts = prefix_sums(pieces, len(order), total)  # first row of each document
-            self.num_rows = int(self.row_starts[-1])
+            self.row_starts = sums_N1  # first row of each document
+            self.num_rows = int(sums_N1[-1])
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether some row holds a target (a document of at least 2 tokens in ``document`` mode,
+        2 tokens in all in ``packed`` mode)."""
+        return self.num_tokens >= 2 if self.mode == "packed" else self.num_rows > 0
 
     def row(self, r: int) -> list[Piece]:
         """Pieces of row r: (document index, first token, end token) in document coordinates."""
@@ -75,7 +92,7 @@ class RowLayout:
             doc_R = np.asarray(self.order[k_R], np.int64)
             return [[(d, c * T, min(c * T + T + 1, n))]
                     for d, c, n in zip(doc_R.tolist(), piece_R.tolist(), self.lengths[doc_R].tolist())]
-        total = int(self.starts[-1])
+        total = self.num_tokens
         a_R = r_R * T
         b_R = np.minimum(a_R + T + 1, total)
         k0_R = np.searchsorted(self.starts, a_R.astype(self.starts.dtype), "right") - 1

@@ -11,10 +11,13 @@ Layout of a store folder (all arrays raw little-endian, dtypes in the manifest):
     manifest.json          written last: settings (tokenizer fingerprint, source, BOS/EOS), counts,
                            shards. A folder without it is an unfinished prepare, never a store.
 
-A reader touches only the pages of the documents it reads; the per-document index a process
-keeps is 8 bytes per document of its share (``StoreTokens``: an int32 reference and an int32
-length), read from the index files in windows rather than through their memory maps, so a scan
-over them leaves no mapped pages behind.
+    index/                 a process's arrays over the store (its share's references and lengths,
+                           each epoch's layout), written on first use (``gf_jax.data.index_cache``)
+
+A reader touches only the pages of the documents it reads. The per-document index a process
+needs (``StoreTokens``: an int32 reference and an int32 length per document of its share) is
+computed once, reading the store's files in windows rather than through their memory maps (a
+scan leaves no mapped pages behind), and memory-mapped from ``index/`` at every later start.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from gf_jax import rundir
 from gf_jax.data.config import DataConfig
+from gf_jax.data.index_cache import IndexCache
 from gf_jax.data.shuffle import CHUNK
 from gf_jax.data.sources import Document, source_files
 
@@ -155,6 +159,8 @@ class TokenStore:
         # A remote store's local copy is keyed by its path and manifest: a store prepared again at
         # the same URL (other settings, other corpus) never reads the files cached for the old one.
         key = hashlib.sha256(json.dumps([path, self.manifest], sort_keys=True).encode()).hexdigest()[:16]
+        # What the index files are keyed by: a store prepared again (other corpus) has new ones.
+        self.identity = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.local = path if not rundir.is_url(path) else os.path.join(
             cache_dir or os.path.join(".cache", "stores", "remote"), key)
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -166,6 +172,10 @@ class TokenStore:
         shards = self.manifest["shards"]
         self.shard_first_token = np.array([s["first_token"] for s in shards] + [int(self.offsets[-1])], np.int64)
         self._shards: dict[int, np.ndarray] = {}
+
+    def index_cache(self) -> IndexCache:
+        """The process index files of this store (``gf_jax.data.index_cache``), in its local folder."""
+        return IndexCache(os.path.join(self.local, "index"))
 
     def _file(self, name: str) -> str:
         if self.local == self.path:
@@ -242,9 +252,11 @@ class StoreTokens(Sequence):
     ``canaries[c]``. What ``BatchIterator`` and ``eval_batches`` read rows from: a row copies only
     the tokens it holds, and canary copies are indices, not copies of the corpus.
 
-    Attributes: ``lengths`` (int32 per entry), ``documents`` (lazy ``Document``s, texts decoded
-    from the tokens with ``tokenizer`` when given). ``refs_N`` keeps its integer dtype (int32 from
-    ``gf_jax.data.stored``).
+    Attributes: ``lengths`` (int32 per entry; computed from the store unless given),
+    ``documents`` (lazy ``Document``s, texts decoded from the tokens with ``tokenizer`` when
+    given). ``refs_N`` keeps its integer dtype (int32 from ``gf_jax.data.stored``). With
+    ``index_cache``, ``BatchIterator`` saves and maps its per-epoch arrays there, under
+    ``cache_key`` (what decides ``refs_N``) plus its own settings.
     """
 
     store: TokenStore
@@ -252,23 +264,16 @@ class StoreTokens(Sequence):
     canary_tokens: Sequence[np.ndarray] = ()
     canary_documents: Sequence[Document] = ()
     tokenizer: Any = None
+    lengths: np.ndarray | None = None
+    index_cache: IndexCache | None = None
+    cache_key: dict | None = None
 
     def __post_init__(self):
         self.refs_N = np.asarray(self.refs_N)
         if self.refs_N.dtype.kind != "i":
             self.refs_N = self.refs_N.astype(np.int64)
-        canary_len = np.array([len(t) for t in self.canary_tokens] or [0], np.int64)
-        self.lengths = np.empty(len(self.refs_N), np.int32)
-        for a in range(0, len(self.refs_N), CHUNK):  # bounded int64 temporaries
-            refs = self.refs_N[a:a + CHUNK].astype(np.int64)
-            is_store = refs >= 0
-            lengths = np.empty(len(refs), np.int64)
-            lengths[is_store] = self.store.lengths(refs[is_store])
-            lengths[~is_store] = canary_len[-1 - refs[~is_store]]
-            if len(lengths) and lengths.max() >= 2**31:
-                raise ValueError(f"a document of {self.store.path} has {int(lengths.max())} tokens, more than "
-                                 "2**31 - 1; split such documents into smaller ones in the source.")
-            self.lengths[a:a + len(refs)] = lengths
+        if self.lengths is None:
+            self.lengths = reference_lengths(self.store, self.refs_N, self.canary_tokens)
         self.documents = StoreDocuments(self)
 
     def __len__(self) -> int:
@@ -277,6 +282,23 @@ class StoreTokens(Sequence):
     def __getitem__(self, i: int) -> np.ndarray:
         ref = int(self.refs_N[i])
         return self.store.tokens(ref) if ref >= 0 else self.canary_tokens[-1 - ref]
+
+
+def reference_lengths(store: TokenStore, refs_N: np.ndarray, canary_tokens: Sequence[np.ndarray]) -> np.ndarray:
+    """int32 token counts of the references ``refs_N`` (see ``StoreTokens``), a chunk at a time."""
+    canary_len = np.array([len(t) for t in canary_tokens] or [0], np.int64)
+    lengths_N = np.empty(len(refs_N), np.int32)
+    for a in range(0, len(refs_N), CHUNK):  # bounded int64 temporaries
+        refs = np.asarray(refs_N[a:a + CHUNK], np.int64)
+        is_store = refs >= 0
+        lengths = np.empty(len(refs), np.int64)
+        lengths[is_store] = store.lengths(refs[is_store])
+        lengths[~is_store] = canary_len[-1 - refs[~is_store]]
+        if len(lengths) and lengths.max() >= 2**31:
+            raise ValueError(f"a document of {store.path} has {int(lengths.max())} tokens, more than "
+                             "2**31 - 1; split such documents into smaller ones in the source.")
+        lengths_N[a:a + len(refs)] = lengths
+    return lengths_N
 
 
 class StoreDocuments(Sequence):

@@ -4,6 +4,8 @@ in-memory pipeline, computed from the store's index arrays instead of the docume
 The stream is background documents with canary copies at ``canary_places``; a process takes
 ``process_share`` of it and keeps the documents of its split (``split_of`` on the stored id
 hashes). Canaries are read and tokenized at start (a small file); background tokens stay on disk.
+These index arrays are saved in the store's index files (``gf_jax.data.index_cache``) on the
+first start and memory-mapped on every later one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from gf_jax.data.config import DataConfig
 from gf_jax.data.packing import index_dtype
 from gf_jax.data.shuffle import CHUNK
 from gf_jax.data.splits import process_share
-from gf_jax.data.store import StoreTokens, TokenStore
+from gf_jax.data.store import StoreTokens, TokenStore, reference_lengths
 from gf_jax.data.tokens import tokenize_documents
 
 
@@ -46,20 +48,35 @@ def canary_record(config: DataConfig, tokenizer, store: TokenStore) -> dict[str,
 
 def process_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str, process_index: int,
                    process_count: int) -> StoreTokens:
-    """This process's documents of ``split`` (its contiguous share of the stream), by reference."""
+    """This process's documents of ``split`` (its contiguous share of the stream), by reference;
+    the arrays come from the store's index files after the first start."""
     injected, canary_tokens, places_K, canary_K = _canaries(config, tokenizer, store)
     share = process_share(store.num_documents + len(places_K), process_index, process_count)
-    refs_N = _split_refs(share, lambda part: stream_refs(part, places_K, canary_K), store, split,
-                         config.validation_fraction)
-    return StoreTokens(store, refs_N, canary_tokens, injected, tokenizer)
+    key = {"store": store.identity, "split": split, "validation_fraction": config.validation_fraction,
+           "share": [process_index, process_count], "canary_seed": config.canary_seed,
+           "canary_repeats": config.canary_repeats, "canary_lengths": [len(t) for t in canary_tokens]}
+    return _cached_tokens(store, key, lambda: _split_refs(share, lambda part: stream_refs(part, places_K, canary_K),
+                                                          store, split, config.validation_fraction),
+                          canary_tokens, injected, tokenizer)
 
 
 def split_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str) -> StoreTokens:
     """Every background document of ``split`` in store order (no canaries): evaluation's list,
     the same on every process (``eval_batches`` deals the rows out)."""
-    refs_N = _split_refs(range(store.num_documents), lambda part: np.arange(part.start, part.stop, dtype=np.int64),
-                         store, split, config.validation_fraction)
-    return StoreTokens(store, refs_N, tokenizer=tokenizer)
+    key = {"store": store.identity, "split": split, "validation_fraction": config.validation_fraction}
+    return _cached_tokens(store, key, lambda: _split_refs(
+        range(store.num_documents), lambda part: np.arange(part.start, part.stop, dtype=np.int64), store, split,
+        config.validation_fraction), tokenizer=tokenizer)
+
+
+def _cached_tokens(store: TokenStore, key: dict, build_refs, canary_tokens=(), canary_documents=(),
+                   tokenizer=None) -> StoreTokens:
+    """``StoreTokens`` whose references and lengths are the index files of ``key`` (built once)."""
+    cache = store.index_cache()
+    refs_N = cache.array("refs", key, build_refs)
+    lengths_N = cache.array("lengths", key, lambda: reference_lengths(store, refs_N, canary_tokens))
+    return StoreTokens(store, refs_N, canary_tokens, canary_documents, tokenizer, lengths=lengths_N,
+                       index_cache=cache, cache_key=key)
 
 
 def _split_refs(stream: range, refs_of, store: TokenStore, split: str, validation_fraction: float) -> np.ndarray:
