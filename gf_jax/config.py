@@ -151,40 +151,20 @@ def _hints(cls) -> dict[str, Any]:
 
 def _convert(value, tp, key: str):
     """``value`` as type ``tp``, or a ValueError naming ``key`` and the type expected."""
-
-    def fail():
-        raise ValueError(
-            f"config key {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})."
-        )
-
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            fail()
-        return from_dict(tp, value, prefix=key + ".")
+        if value is not None and not isinstance(value, dict):
+            raise _mismatch(value, tp, key)
+        return from_dict(tp, value or {}, prefix=key + ".")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            fail()
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ValueError:
-                pass
-        fail()
+        return _convert_union(value, tp, key)
     if origin in (tuple, list, Sequence):
         if not isinstance(value, (list, tuple)):
-            fail()
+            raise _mismatch(value, tp, key)
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
         return tuple(items) if origin is tuple else items
@@ -192,30 +172,44 @@ def _convert(value, tp, key: str):
         if value not in typing.get_args(tp):
             raise ValueError(f"config key {key} must be one of {list(typing.get_args(tp))}, got {value!r}.")
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
+    return _convert_scalar(value, tp, key)
+
+
+def _mismatch(value, tp, key: str) -> ValueError:
+    return ValueError(f"config key {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+
+
+def _convert_union(value, tp, key: str):
+    """The first member type of ``tp`` (``X | None``, ``int | str``) that takes ``value``."""
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _mismatch(value, tp, key)
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ValueError:
+            pass
+    raise _mismatch(value, tp, key)
+
+
+def _convert_scalar(value, tp, key: str):
+    """bool, int, float and str are checked strictly (True is not an int); other types pass."""
     if tp is float:
         # PyYAML reads "3e-4" (no dot) as a string: accept any string float() accepts.
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
             except ValueError:
-                fail()
-        fail()
-    if tp is str:
-        if not isinstance(value, str):
-            fail()
-        return value
+                pass
+        raise _mismatch(value, tp, key)
+    if tp in (bool, str) and not isinstance(value, tp):
+        raise _mismatch(value, tp, key)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _mismatch(value, tp, key)
     return value
 
 

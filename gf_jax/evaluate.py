@@ -129,25 +129,41 @@ def evaluate_memorization(
         eos_id = tokenizer.eos_id
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
 
-    kept, skipped = [], []
-    for doc_id, tokens in zip(doc_ids, docs_tokens):
-        split = extraction_split(tokens, suffix_len=suffix_len, prefix_len=prefix_len,
-                                 max_prompt_len=model.config.max_seq_len - suffix_len, eos_id=eos_id)
-        (kept.append((doc_id, *split)) if split is not None else skipped.append(doc_id))
-    if skipped:
-        print(f"[gf_jax.evaluate] skipped {len(skipped)} of {len(docs_tokens)} documents shorter than "
-              f"suffix_len + 1 = {suffix_len + 1} tokens (first: {skipped[0]!r}).", file=sys.stderr)
-
+    kept, skipped = _extraction_splits(docs_tokens, doc_ids, suffix_len, prefix_len,
+                                       model.config.max_seq_len - suffix_len, eos_id)
     out = generate(
         model, [k[1] for k in kept], suffix_len, start_positions=[k[3] for k in kept],
         beam_width=beam_width, batch_size=batch_size, mesh=mesh, pad_id=pad_id, progress=progress,
     )
-    generated_texts = decoded_texts(tokenizer, out.tokens.tolist())
+    per_doc = _scored(kept, out.tokens, tokenizer)
+    aggregate = metrics.aggregate_memorization(per_doc, n_skipped=len(skipped))
+    aggregate.update(suffix_len=suffix_len, prefix_len=prefix_len, beam_width=beam_width, skipped_ids=skipped)
+    return per_doc, aggregate
+
+
+def _extraction_splits(docs_tokens, doc_ids, suffix_len: int, prefix_len: int | None, max_prompt_len: int,
+                       eos_id: int | None) -> tuple[list[tuple], list[str]]:
+    """([(id, prompt, suffix, prompt's start position)] of the documents long enough, skipped ids);
+    the skipped ones are counted on stderr, not dropped silently."""
+    kept, skipped = [], []
+    for doc_id, tokens in zip(doc_ids, docs_tokens):
+        split = extraction_split(tokens, suffix_len=suffix_len, prefix_len=prefix_len,
+                                 max_prompt_len=max_prompt_len, eos_id=eos_id)
+        (kept.append((doc_id, *split)) if split is not None else skipped.append(doc_id))
+    if skipped:
+        print(f"[gf_jax.evaluate] skipped {len(skipped)} of {len(docs_tokens)} documents shorter than "
+              f"suffix_len + 1 = {suffix_len + 1} tokens (first: {skipped[0]!r}).", file=sys.stderr)
+    return kept, skipped
+
+
+def _scored(kept: list[tuple], generated_NxA: np.ndarray, tokenizer) -> list[dict]:
+    """One result dict per kept document: RougeL and exact matches of its generated suffix."""
+    generated_texts = decoded_texts(tokenizer, generated_NxA.tolist())
     reference_texts = decoded_texts(tokenizer, [k[2] for k in kept])
     rouges = metrics.rouge_l(generated_texts, reference_texts)
     per_doc = []
     for (doc_id, prompt, suffix, _), gen_ids, gen_text, ref_text, rouge in zip(
-        kept, out.tokens, generated_texts, reference_texts, rouges
+        kept, generated_NxA, generated_texts, reference_texts, rouges
     ):
         per_doc.append({
             "id": doc_id,
@@ -157,9 +173,7 @@ def evaluate_memorization(
             "generated": gen_text,
             "reference": ref_text,
         })
-    aggregate = metrics.aggregate_memorization(per_doc, n_skipped=len(skipped))
-    aggregate.update(suffix_len=suffix_len, prefix_len=prefix_len, beam_width=beam_width, skipped_ids=skipped)
-    return per_doc, aggregate
+    return per_doc
 
 
 # ---------------------------------------------------------------------------------------------

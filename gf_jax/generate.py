@@ -22,7 +22,6 @@ Entry points:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -32,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from gf_jax.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -313,51 +314,59 @@ def generate(
     n = len(prompts)
     if n == 0:
         return Generation(np.zeros((0, max_new_tokens), np.int32), np.zeros((0,), np.float32))
-    lengths = np.array([len(p) for p in prompts])
-    if lengths.min() < 1:
-        raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; every prompt needs at least one token.")
-    starts = np.zeros(n, np.int32) if start_positions is None else np.asarray(start_positions, np.int32)
-    if starts.shape != (n,):
-        raise ValueError(f"start_positions needs one entry per prompt ({n}), got shape {starts.shape}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    lengths_N, starts_N = _checked_prompts(prompts, start_positions, batch_size)
+    sharding = None
     if mesh is not None:
-        # Every data-parallel shard gets whole rows.
-        batch_size = _round_up(batch_size, data_parallel_size(mesh))
         from gf_jax.sharding import batch_sharding
 
+        batch_size = _round_up(batch_size, data_parallel_size(mesh))  # every data-parallel shard gets whole rows
         sharding = batch_sharding(mesh)
         model = place_on_mesh(model, mesh)
     else:
         batch_size = min(batch_size, n)
 
-    order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
-    tokens_out = np.zeros((n, max_new_tokens), np.int32)
-    logprob_out = np.zeros((n,), np.float32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=progress if isinstance(progress, str) else "decoding", unit="doc")
+    order_N = np.argsort(-lengths_N, kind="stable")  # longest first: similar lengths share a batch
+    tokens_NxA = np.zeros((n, max_new_tokens), np.int32)
+    logprob_N = np.zeros((n,), np.float32)
+    bar = progress_bar(progress, n, "decoding")
     for begin in range(0, n, batch_size):
-        idx = order[begin : begin + batch_size]
+        idx = order_N[begin : begin + batch_size]
         # Pad the last batch with copies of its first prompt so every batch has the same shape.
         rows = np.concatenate([idx, np.full(batch_size - idx.size, idx[0])])
-        width = _round_up(int(lengths[idx].max()), length_bucket)
+        width = _round_up(int(lengths_N[idx].max()), length_bucket)
         tokens_BxP, lengths_B = pad_prompts([prompts[i] for i in rows], width, pad_id)
-        starts_B = starts[rows]
-        if mesh is not None:
-            tokens_BxP, lengths_B, starts_B = jax.device_put((tokens_BxP, lengths_B, starts_B), sharding)
-        # With a mesh set, the model's activation sharding hints are on (as in training).
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            out_BxA, logprob_B = decode_batch(
-                model, tokens_BxP, lengths_B, max_new_tokens=max_new_tokens, starts_B=starts_B,
-                beam_width=beam_width, mesh=mesh,
-            )
-        tokens_out[idx] = np.asarray(out_BxA)[: idx.size]
-        logprob_out[idx] = np.asarray(logprob_B)[: idx.size]
+        out_BxA, logprob_B = _decode_on_mesh(model, tokens_BxP, lengths_B, starts_N[rows], max_new_tokens,
+                                             beam_width, mesh, sharding)
+        tokens_NxA[idx] = np.asarray(out_BxA)[: idx.size]
+        logprob_N[idx] = np.asarray(logprob_B)[: idx.size]
         if bar is not None:
             bar.update(idx.size)
     if bar is not None:
         bar.close()
-    return Generation(tokens_out, logprob_out)
+    return Generation(tokens_NxA, logprob_N)
+
+
+def _checked_prompts(prompts, start_positions, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths_N, starts_N) of the prompts, refusing an empty prompt or mismatched arguments."""
+    n = len(prompts)
+    lengths_N = np.array([len(p) for p in prompts])
+    if lengths_N.min() < 1:
+        raise ValueError(f"prompt {int(np.argmin(lengths_N))} is empty; every prompt needs at least one token.")
+    starts_N = np.zeros(n, np.int32) if start_positions is None else np.asarray(start_positions, np.int32)
+    if starts_N.shape != (n,):
+        raise ValueError(f"start_positions needs one entry per prompt ({n}), got shape {starts_N.shape}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    return lengths_N, starts_N
+
+
+def _decode_on_mesh(model, tokens_BxP, lengths_B, starts_B, max_new_tokens: int, beam_width: int, mesh, sharding):
+    """``decode_batch`` on host arrays: placed on the mesh (batch-sharded) when there is one."""
+    if mesh is None:
+        return decode_batch(model, tokens_BxP, lengths_B, max_new_tokens=max_new_tokens, starts_B=starts_B,
+                            beam_width=beam_width)
+    tokens_BxP, lengths_B, starts_B = jax.device_put((tokens_BxP, lengths_B, starts_B), sharding)
+    with jax.set_mesh(mesh):  # the model's activation sharding hints are on, as in training
+        return decode_batch(model, tokens_BxP, lengths_B, max_new_tokens=max_new_tokens, starts_B=starts_B,
+                            beam_width=beam_width, mesh=mesh)
+

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -19,6 +18,7 @@ from gf_jax.batch import Batch
 from gf_jax.generate import data_parallel_size, place_on_mesh, replicate_outputs
 from gf_jax.goldfish import GoldfishConfig
 from gf_jax.loss import chunked_loss_fn
+from gf_jax.progress import progress_bar
 
 _ALL_TARGETS = GoldfishConfig(strategy="none")  # scoring counts every token, no goldfish mask
 
@@ -175,12 +175,3 @@ def heldout_loss(model, batches: Iterable[Batch], *, mesh=None, progress: bool |
         raise ValueError("the held-out batches contain no real targets; give documents of at least 2 tokens.")
     loss = total / count
     return loss, math.exp(min(loss, 700.0))
-
-
-def progress_bar(progress, total, default_desc, unit="doc"):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=progress if isinstance(progress, str) else default_desc, unit=unit,
-                file=sys.stderr)
