@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +73,7 @@ class IndexCache:
         """Writes ``path`` atomically; False (after one log line) where the folder is not writable."""
         if self._unwritable:
             return False
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # unique across hosts sharing the folder, not just pids
         try:
             os.makedirs(self.folder, exist_ok=True)
             with open(tmp, "wb") as fh:
