@@ -115,8 +115,7 @@ class BatchIterator:
         if self._index_cache is None:
             return build()
         key = {"tokens": self.tokens.cache_key, "seed": self.seed, "process": [self.process_index, self.process_count],
-               "seq_len": self.seq_len, "mode": self.mode,
-               "shuffle": self.shuffle, **key}
+               "seq_len": self.seq_len, "mode": self.mode, "shuffle": self.shuffle, **key}
         return (self._index_cache.text if text else self._index_cache.array)(kind, key, build)
 
     def _fingerprint(self) -> str:
