@@ -163,6 +163,8 @@ class TokenStore:
         self.identity = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.local = path if not rundir.is_url(path) else os.path.join(
             cache_dir or os.path.join(".cache", "stores", "remote"), key)
+        # The process index files of this store (``gf_jax.data.index_cache``), in its local folder.
+        self.index_cache = IndexCache(os.path.join(self.local, "index"))
         self.dtype = np.dtype(self.manifest["dtype"])
         self.num_documents = int(self.manifest["documents"])
         self.offsets = self._map("offsets.bin", np.int64)
@@ -172,10 +174,6 @@ class TokenStore:
         shards = self.manifest["shards"]
         self.shard_first_token = np.array([s["first_token"] for s in shards] + [int(self.offsets[-1])], np.int64)
         self._shards: dict[int, np.ndarray] = {}
-
-    def index_cache(self) -> IndexCache:
-        """The process index files of this store (``gf_jax.data.index_cache``), in its local folder."""
-        return IndexCache(os.path.join(self.local, "index"))
 
     def _file(self, name: str) -> str:
         if self.local == self.path:
@@ -252,19 +250,19 @@ class StoreTokens(Sequence):
     ``canaries[c]``. What ``BatchIterator`` and ``eval_batches`` read rows from: a row copies only
     the tokens it holds, and canary copies are indices, not copies of the corpus.
 
-    Attributes: ``lengths`` (int32 per entry; computed from the store unless given),
-    ``documents`` (lazy ``Document``s, texts decoded from the tokens with ``tokenizer`` when
-    given). ``refs_N`` keeps its integer dtype (int32 from ``gf_jax.data.stored``). With
+    Attributes: ``lengths`` (int32 per entry, ``reference_lengths``), ``documents`` (lazy
+    ``Document``s, texts decoded from the tokens with ``tokenizer`` when given). ``refs_N``
+    keeps its integer dtype (int32 from ``gf_jax.data.stored``). With
     ``index_cache``, ``BatchIterator`` saves and maps its per-epoch arrays there, under
     ``cache_key`` (what decides ``refs_N``) plus its own settings.
     """
 
     store: TokenStore
     refs_N: np.ndarray
+    lengths: np.ndarray
     canary_tokens: Sequence[np.ndarray] = ()
     canary_documents: Sequence[Document] = ()
     tokenizer: Any = None
-    lengths: np.ndarray | None = None
     index_cache: IndexCache | None = None
     cache_key: dict | None = None
 
@@ -272,8 +270,6 @@ class StoreTokens(Sequence):
         self.refs_N = np.asarray(self.refs_N)
         if self.refs_N.dtype.kind != "i":
             self.refs_N = self.refs_N.astype(np.int64)
-        if self.lengths is None:
-            self.lengths = reference_lengths(self.store, self.refs_N, self.canary_tokens)
         self.documents = StoreDocuments(self)
 
     def __len__(self) -> int:

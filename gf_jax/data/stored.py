@@ -72,11 +72,11 @@ def split_tokens(config: DataConfig, tokenizer, store: TokenStore, split: str) -
 def _cached_tokens(store: TokenStore, key: dict, build_refs, canary_tokens=(), canary_documents=(),
                    tokenizer=None) -> StoreTokens:
     """``StoreTokens`` whose references and lengths are the index files of ``key`` (built once)."""
-    cache = store.index_cache()
+    cache = store.index_cache
     refs_N = cache.array("refs", key, build_refs)
     lengths_N = cache.array("lengths", key, lambda: reference_lengths(store, refs_N, canary_tokens))
-    return StoreTokens(store, refs_N, canary_tokens, canary_documents, tokenizer, lengths=lengths_N,
-                       index_cache=cache, cache_key=key)
+    return StoreTokens(store, refs_N, lengths_N, canary_tokens, canary_documents, tokenizer, index_cache=cache,
+                       cache_key=key)
 
 
 def _split_refs(stream: range, refs_of, store: TokenStore, split: str, validation_fraction: float) -> np.ndarray:
