@@ -38,11 +38,11 @@ class TinyLM(nnx.Module):
         self.bias_V = nnx.Param(jax.device_put(jnp.zeros((vocab_size,)), P("tensor")))
 
     def hidden(self, inputs_BxT):
-        h_BxTxD = self.embedding[...].at[inputs_BxT].get(out_sharding=P("fsdp", None, None))
-        return h_BxTxD + jax.nn.gelu(h_BxTxD @ self.mlp[...])
+        hidden_BxTxD = self.embedding[...].at[inputs_BxT].get(out_sharding=P("fsdp", None, None))
+        return hidden_BxTxD + jax.nn.gelu(hidden_BxTxD @ self.mlp[...])
 
-    def head(self, h_BxTxD):
-        return h_BxTxD @ self.head_DxV[...] + self.bias_V[...]  # P("fsdp", None, "tensor")
+    def head(self, hidden_BxTxD):
+        return hidden_BxTxD @ self.head_DxV[...] + self.bias_V[...]  # P("fsdp", None, "tensor")
 
     def __call__(self, inputs_BxT):
         return self.head(self.hidden(inputs_BxT))

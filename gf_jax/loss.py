@@ -175,18 +175,6 @@ class TokenTerms(NamedTuple):
         return jnp.where(self.kept_BxT, loss_BxT, jnp.zeros((), jnp.float32))
 
 
-def reduce_loss(xent_BxT, logz_BxT, drop_BxT, valid_BxT, z_loss: float = 0.0):
-    """One global mean over kept, valid targets, plus the sums training accumulates.
-
-    Returns (loss, aux). ``aux`` holds the sums of ``LossSums`` (``xent_sum``, ``xent_all_sum``,
-    ``xent_dropped_sum``, ``z_sum``, ``n_kept``, ``n_dropped``, ``n_valid``) that add over
-    micro-batches, and the ratios ``loss_kept``, ``loss_all``, ``loss_dropped``, ``drop_fraction``
-    computed from them (see ``summarize``). Gradients are exactly zero at dropped and invalid targets.
-    """
-    sums = loss_sums(xent_BxT, logz_BxT, drop_BxT, valid_BxT)
-    return sums.loss(z_loss), sums.summary()
-
-
 def summarize(sums: dict[str, Any]) -> dict[str, Any]:
     """Adds the ratios (``loss_kept``, ``loss_all``, ``loss_dropped``, ``drop_fraction``) to sums.
 
@@ -325,8 +313,11 @@ def loss_fn(
     Returns:
       (loss, aux): loss = (sum of kept cross-entropy + z_loss * sum of logz**2) / max(1, n_kept),
       one mean over the whole batch, never per sequence (or ``loss_BxT``, see ``reduction``).
-      ``aux`` is described in ``reduce_loss``. Gradients are exactly zero at dropped and invalid
-      targets.
+      ``aux`` holds the sums of ``LossSums`` (``xent_sum``, ``xent_all_sum``, ``xent_dropped_sum``,
+      ``z_sum``, ``n_kept``, ``n_dropped``, ``n_valid``), which add over micro-batches, and the
+      ratios ``loss_kept``, ``loss_all``, ``loss_dropped`` and ``drop_fraction`` computed from them
+      (``summarize`` recomputes them from added sums). Gradients are exactly zero at dropped and
+      invalid targets.
     """
     terms = goldfish_terms(
         logits_BxTxV, targets_BxT, config, weights_BxT=weights_BxT, pad_id=pad_id, positions_BxT=positions_BxT,

@@ -4,7 +4,7 @@ and print the per-chip memory: does it fit the chip?
     python scripts/aot_tpu.py --config configs/tinyllama-1b.yaml --topology v5e:2x4 [section.key=value ...]
     python scripts/aot_tpu.py --config configs/llama2-7b.yaml --topology v5p:2x2x2 --decode
 
-Needs ``libtpu`` (requirements.txt); no TPU. See docs/tpu.md and gf_jax/aot.py.
+Needs ``libtpu`` (requirements.txt); no TPU. See docs/tpu.md and gf_jax/train/aot.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
 
-    from gf_jax import aot
     from gf_jax.config import load_config
+    from gf_jax.train import aot
 
     config = aot.for_tpu(load_config(args.config, args.overrides))
     devices = aot.topology_devices(args.topology)

@@ -12,7 +12,7 @@ Rows:
   pallas_gpu            Pallas/Triton flash attention with segment ids, no dense mask
   xla                   the einsum reference
 TFLOP/s count QK^T and PV over the full T x T square, forward + backward = 3 x forward (the
-convention of gf_jax.model.flops_per_token). On a non-GPU backend only ``xla`` runs (a smoke test).
+convention of gf_jax.model.counting.flops_per_token). On a non-GPU backend only ``xla`` runs (a smoke test).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gf_jax import attention as attn
+from gf_jax.model import attention as attn
 
 
 def packed_segments(batch: int, seq_len: int, mean_doc_len: int, seed: int = 0) -> np.ndarray:

@@ -16,6 +16,7 @@ Measured side by side in one run (same machine, same cores):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -44,9 +45,11 @@ def main():
         print(f"pinned to cores {cores}")
 
     if args.scale:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import bench_data_scale
-
+        # The scale benchmark is its sibling script, loaded by path (scripts/ is not a package).
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_data_scale.py")
+        spec = importlib.util.spec_from_file_location("bench_data_scale", path)
+        bench_data_scale = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_data_scale)
         bench_data_scale.run([int(x) for x in args.scale.split(",")], args.scale_dir, args.config,
                              args.skip_memory_above, args.keep_stores)
         return 0
@@ -58,9 +61,9 @@ def main():
 
     from gf_jax import data
     from gf_jax.config import load_config
+    from gf_jax.data import corpus_tokenizer
     from gf_jax.loss import loss_fn
-    from gf_jax.model import Transformer
-    from gf_jax.tokenizer import corpus_tokenizer
+    from gf_jax.model.transformer import Transformer
 
     run_config = load_config(args.config)
     config, model_config = run_config.data, run_config.model

@@ -54,10 +54,10 @@ def first_batch(mode: str, corpus: str, tokenizer_path: str, store_dir: str, glo
                 algorithm: str = "auto") -> dict:
     """In this (fresh) process: seconds to build the iterator and get its first batch, peak RSS."""
     from gf_jax import data
-    from gf_jax.tokenizer import Tokenizer
+    from gf_jax.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    tok = Tokenizer.load(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     config = data.DataConfig(source="jsonl", path=corpus, tokenizer=tokenizer_path, store=mode, store_dir=store_dir,
                              shuffle_algorithm=algorithm)
     it = data.make_train_iterator(config, tok, global_batch=global_batch, seq_len=seq_len, process_index=0,
@@ -97,7 +97,7 @@ def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_
     rates from their manifests (``prepare_seconds``, the time ``prepare_store`` took)."""
     from gf_jax import data
     from gf_jax.config import load_config
-    from gf_jax.tokenizer import corpus_tokenizer
+    from gf_jax.data import corpus_tokenizer
 
     run_config = load_config(config_path)
     tok = corpus_tokenizer(run_config.data)

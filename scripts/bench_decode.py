@@ -5,7 +5,7 @@
         --prompt-len 1024 --new-tokens 50                          # the 1B, on a GPU
 
 Random weights (speed does not depend on them). Measured in one run, same machine, same shapes:
-  1. ``gf_jax.generate.decode_batch``: one prefill + a ``fori_loop`` of one-token steps with the KV
+  1. ``gf_jax.model.generate.decode_batch``: one prefill + a ``fori_loop`` of one-token steps with the KV
      cache, all in one jit;
   2. ``decode_batch_recompute``: greedy by running the whole sequence again for every token
      (also one jit; the reference the cache equals token for token);
@@ -55,7 +55,7 @@ def hf_model_from(model, config):
     def t(x):
         return torch.from_numpy(np.asarray(x, np.float32).copy())
 
-    from gf_jax.layers import relayout
+    from gf_jax.model.transforms import relayout
 
     model = relayout(model, scan_layers=False)  # one block per HF layer
     with torch.no_grad():
@@ -98,8 +98,9 @@ def main():
     from flax import nnx
 
     from gf_jax.config import load_config
-    from gf_jax.generate import decode_batch, decode_batch_recompute
-    from gf_jax.model import Transformer, param_count
+    from gf_jax.model import param_count
+    from gf_jax.model.generate import decode_batch, decode_batch_recompute
+    from gf_jax.model.transformer import Transformer
 
     overrides = [] if args.scan_layers == "config" else [f"model.scan_layers={args.scan_layers}"]
     config = load_config(args.config, overrides).model

@@ -4,7 +4,7 @@
 
 Writes a synthetic LLaMA-style model (d=2048, 16 layers, 32/8 heads, d_ff=8192, vocab 32000,
 untied: 1.10B parameters) as safetensors shards of at most 1 GB, streamed tensor by tensor,
-then in fresh processes (so each peak is its own) times ``checkpoint.load_model(HF_DIR)`` and
+then in fresh processes (so each peak is its own) times ``gf_jax.run.load.load_model(HF_DIR)`` and
 ``hf export`` of the loaded model, reading each process's peak RSS (``ru_maxrss``). The
 requirement is peak RSS < 1.3x the model's size in memory: no second copy of the weights.
 """
@@ -26,13 +26,13 @@ SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hid
 CHILD = r"""
 import json, os, resource, sys, time
 import jax
-from gf_jax import checkpoint
+from gf_jax.run.load import load_model
 from gf_jax.hf.export import export_model
 hf_dir, out_dir, mode = sys.argv[1:4]
 jax.devices()
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # runtime, no model yet
 t0 = time.perf_counter()
-model, config, tok = checkpoint.load_model(hf_dir)
+model, config, tok = load_model(hf_dir)
 jax.block_until_ready(jax.tree.leaves(jax.tree.map(lambda x: x, __import__("flax").nnx.state(model))))
 t1 = time.perf_counter()
 if mode == "export":

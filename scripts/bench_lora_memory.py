@@ -4,12 +4,12 @@
     python scripts/bench_lora_memory.py --devices --tpu v5p:2x2x1 --tpu-chips 1   # one v5p chip only
     python scripts/bench_lora_memory.py --devices 1 --modes lora -- model.n_layers=2 model.remat=none
 
-The trainer's own jitted step (gf_jax.step) is lowered from abstract arguments (shapes, dtypes and
+The trainer's own jitted step (gf_jax.train.step) is lowered from abstract arguments (shapes, dtypes and
 shardings; no weights exist) and compiled; ``compiled.memory_analysis()`` gives the bytes of its
 arguments (parameters, optimizer state, batch), outputs (aliased to the donated arguments) and
 temporaries per device. On the CPU backend this is a rough guide: XLA:CPU schedules and fuses
 differently from a GPU or TPU, and attention here is the einsum path (no flash kernel). ``--tpu``
-adds ahead-of-time compiles for the first ``--tpu-chips`` chips of a TPU topology (gf_jax/aot.py,
+adds ahead-of-time compiles for the first ``--tpu-chips`` chips of a TPU topology (gf_jax/train/aot.py,
 needs libtpu), which the TPU compiler refuses when the step does not fit the chip.
 
 Modes: ``full`` trains every weight (float32 weights and AdamW moments, as configs/llama2-7b.yaml);
@@ -42,8 +42,8 @@ def trainable_count(config) -> tuple[int, int]:
     import jax
     from flax import nnx
 
-    from gf_jax import lora
-    from gf_jax.model import Transformer
+    from gf_jax.model import lora
+    from gf_jax.model.transformer import Transformer
 
     state = nnx.state(nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
@@ -52,7 +52,7 @@ def trainable_count(config) -> tuple[int, int]:
 
 
 def measure(config, devices):
-    from gf_jax import aot
+    from gf_jax.train import aot
 
     started = time.perf_counter()
     _, report = aot.compile_train_step(config, devices)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     targets = [(f"cpu x{n}", jax.devices()[:n]) for n in args.devices]
     if args.tpu:
-        from gf_jax import aot
+        from gf_jax.train import aot
 
         chips = aot.topology_devices(args.tpu)
         targets += [(f"{chips[0].device_kind} x{n} ({args.tpu})", chips[:n]) for n in args.tpu_chips if n <= len(chips)]

@@ -4,13 +4,13 @@ goldfish mask as a step-time ratio goldfish / standard measured side by side in 
     python scripts/bench_train.py --config configs/tiny.yaml
     python scripts/bench_train.py --config configs/tinyllama-1b.yaml train.global_batch=8 train.grad_accum=1
 
-The step is the trainer's own jitted step (``gf_jax.step.make_step_functions``: sharded state,
+The step is the trainer's own jitted step (``gf_jax.train.step.make_step_functions``: sharded state,
 donated, goldfish mask inside the step) on a fixed, device-resident batch of packed synthetic
 documents, so the figures measure the step, not the input pipeline. The two variants run in
 alternating blocks (standard, goldfish, standard, ...); each variant reports its median block and
 the ratio is the median of the paired block ratios, so drift in machine load affects both alike.
-MFU uses the model FLOPs per token of ``gf_jax.model.flops_per_token`` and the per-chip peak of
-``gf_jax.tracker.PEAK_TFLOPS`` (CPU has no peak: MFU is not reported).
+MFU uses the model FLOPs per token of ``gf_jax.model.counting.flops_per_token`` and the per-chip peak of
+``gf_jax.train.tracker.PEAK_TFLOPS`` (CPU has no peak: MFU is not reported).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from gf_jax.batch import Batch
 from gf_jax.config import load_config
 from gf_jax.goldfish import GoldfishConfig, goldfish_mask
 from gf_jax.model import flops_per_token, param_count
-from gf_jax.sharding import make_mesh
-from gf_jax.step import make_step_functions
-from gf_jax.tracker import peak_tflops
+from gf_jax.model.sharding import make_mesh
+from gf_jax.train.step import make_step_functions
+from gf_jax.train.tracker import peak_tflops
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, mean_doc_len: int, seed: int = 0) -> Batch:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (one host or a pod slice of many): every worker runs the same
-# `python -m gf_jax.train` command; JAX connects them (gf_jax.distributed detects the TPU VM).
+# `python -m gf_jax.train` command; JAX connects them (gf_jax.run.distributed detects the TPU VM).
 #
 #   export TPU_NAME=gf-v4-32 ZONE=us-central2-b ACCELERATOR_TYPE=v4-32   # PROJECT=... optional
 #   scripts/tpu_vm.sh create                 # create the TPU VM (reused if it exists)

@@ -14,7 +14,7 @@ def corpus_tokenizer_path(config, tmp_path_factory) -> str:
     """A tokenizer trained on ``config``'s corpus in a fresh cache (shared by the trainer tests)."""
     import dataclasses
 
-    from gf_jax.tokenizer import corpus_tokenizer
+    from gf_jax.data import corpus_tokenizer
 
     cache = str(tmp_path_factory.mktemp("tokenizers"))
     return corpus_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path

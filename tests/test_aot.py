@@ -4,8 +4,8 @@ without a TPU (needs libtpu from requirements.txt); scanned layers compile one b
 
 import pytest
 
-from gf_jax import aot
 from gf_jax.config import load_config
+from gf_jax.train import aot
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax import attention as attn
-from gf_jax.model import ModelConfig, Transformer
-from gf_jax.sharding import MeshConfig, make_mesh
+from gf_jax.model import ModelConfig
+from gf_jax.model import attention as attn
+from gf_jax.model.sharding import MeshConfig, make_mesh
+from gf_jax.model.transformer import Transformer
 
 B, T, N, K, H = 2, 256, 4, 2, 32
 

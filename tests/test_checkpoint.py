@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax.checkpoint import Checkpointer, abstract_with_shardings, check_compatible, load_model
 from gf_jax.config import RunConfig, TrainConfig, save_config, to_dict
-from gf_jax.model import ModelConfig, Transformer
-from gf_jax.sharding import MeshConfig, make_mesh, model_shardings
+from gf_jax.model import ModelConfig
+from gf_jax.model.sharding import MeshConfig, abstract_with_shardings, make_mesh, model_shardings
+from gf_jax.model.transformer import Transformer
+from gf_jax.run.checkpoint import Checkpointer, check_compatible
+from gf_jax.run.load import load_model
 from gf_jax.tokenizer import train_from_texts
 
 CFG = ModelConfig(vocab_size=384, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=48, max_seq_len=32)

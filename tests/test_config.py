@@ -6,15 +6,8 @@ import os
 
 import pytest
 
-from gf_jax.config import (
-    RunConfig,
-    TrainConfig,
-    config_from_dict,
-    dump_config,
-    load_config,
-    save_config,
-)
-from gf_jax.optim import OptimizerConfig
+from gf_jax.config import OptimizerConfig, RunConfig, TrainConfig, config_from_dict, load_config, save_config
+from gf_jax.config.run import dump_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,7 +135,7 @@ def test_large_presets_without_a_tokenizer_get_one_that_fits(tmp_path):
     # configs/tinyllama-1b.yaml and llama2-7b.yaml fall back to a tokenizer trained on their
     # placeholder corpus when data.tokenizer is not set: that must work and fit the model.
     from gf_jax import data as data_lib
-    from gf_jax.tokenizer import corpus_tokenizer
+    from gf_jax.data import corpus_tokenizer
 
     for name in ("configs/tinyllama-1b.yaml", "configs/llama2-7b.yaml"):
         config = load_config(name, [f"data.tokenizer_cache_dir={tmp_path}"])
@@ -165,3 +158,21 @@ def test_data_cross_section_checks_fail_at_load(overrides, message):
     # The same data settings are fine where the other section does not need them.
     config_from_dict({}, overrides + ["train.eval_every=0", "goldfish.strategy=static"])
     config_from_dict({}, ["data.row_context=0", "goldfish.h=13"])  # 0: no row context at all
+
+
+def test_docs_configuration_lists_every_config_key():
+    """docs/configuration.md names every field of every section, under that section's heading."""
+    import re
+
+    from gf_jax.config import RunConfig
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")).read()
+    sections = dict(re.findall(r"^## `(\w+)`[^\n]*\n(.*?)(?=^## |\Z)", doc, flags=re.M | re.S))
+    config, missing = RunConfig(), []
+    for section in dataclasses.fields(config):
+        value, text = getattr(config, section.name), sections.get(section.name, "")
+        for field in dataclasses.fields(value):
+            sub = getattr(value, field.name)  # model.lora is a section inside a section
+            names = [f"{field.name}.{f.name}" for f in dataclasses.fields(sub)] if dataclasses.is_dataclass(sub) else [field.name]
+            missing += [f"{section.name}.{n}" for n in names if f"`{n}`" not in text]
+    assert not missing, missing

@@ -8,9 +8,12 @@ import optax
 import pytest
 from flax import nnx
 
-from gf_jax import data, evaluate, metrics
-from gf_jax.model import ModelConfig, Transformer
-from gf_jax.tokenizer import Tokenizer, train_from_texts
+from gf_jax import data, evaluate
+from gf_jax.evaluate import cli as evaluate_cli
+from gf_jax.evaluate import metrics
+from gf_jax.model import ModelConfig
+from gf_jax.model.transformer import Transformer
+from gf_jax.tokenizer import load_tokenizer, train_from_texts
 
 SUFFIX = 16
 MEMBERS = (0, 2, 4, 6)  # Tiny Shakespeare speeches of 40-60 tokens
@@ -22,7 +25,7 @@ SHORT = 18  # 14 tokens: too short for a 16-token suffix
 def setup(tmp_path_factory):
     docs = data.read_text_documents("data/tinyshakespeare.txt", "blank_line")
     path = train_from_texts([d.text for d in docs[:1500]], 350, str(tmp_path_factory.mktemp("tok")))
-    tokenizer = Tokenizer.load(path)
+    tokenizer = load_tokenizer(path)
 
     def tokens(indices):
         return [t.tolist() for t in tokenizer.encode_arrays([docs[i].text for i in indices], add_bos=True,
@@ -203,8 +206,8 @@ def _save_run(run_dir, model, data_config, tokenizer_path):
     import os
     import shutil
 
-    from gf_jax.checkpoint import Checkpointer
     from gf_jax.config import RunConfig, TrainConfig, save_config, to_dict
+    from gf_jax.run.checkpoint import Checkpointer
 
     config = RunConfig(model=model.config, data=data_config, train=TrainConfig(seq_len=64, run_dir=run_dir))
     os.makedirs(run_dir, exist_ok=True)
@@ -229,7 +232,7 @@ def test_cli_compares_runs_on_the_documents_they_trained_on(setup, tmp_path, cap
     _save_run(str(tmp_path / "standard"), setup["trained"], data_config, setup["tokenizer"].path)
     _save_run(str(tmp_path / "control"), setup["untrained"], data_config, setup["tokenizer"].path)
     out = tmp_path / "report"
-    results = evaluate.main([
+    results = evaluate_cli.run([
         "--run", str(tmp_path / "standard"), "--run", str(tmp_path / "control"), "--docs", "train",
         "--heldout", str(heldout), "--suffix-len", str(SUFFIX), "--batch-size", "4", "--out", str(out)])
     standard, control = results["standard"], results["control"]
@@ -249,19 +252,19 @@ def test_cli_compares_runs_on_the_documents_they_trained_on(setup, tmp_path, cap
     os.makedirs(empty)
     (empty / "config.yaml").write_text((tmp_path / "standard" / "config.yaml").read_text())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
-        evaluate.main(["--run", str(empty), "--docs", "train", "--out", str(out)])
+        evaluate_cli.run(["--run", str(empty), "--docs", "train", "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="config.yaml"):
-        evaluate.main(["--run", str(tmp_path / "nowhere"), "--docs", "train"])
+        evaluate_cli.run(["--run", str(tmp_path / "nowhere"), "--docs", "train"])
     # A model whose vocabulary is smaller than its tokenizer's is refused before anything runs.
     small = Transformer(ModelConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
                                     max_seq_len=96), rngs=nnx.Rngs(0))
     _save_run(str(tmp_path / "small"), small, data_config, setup["tokenizer"].path)
     with pytest.raises(ValueError, match="model.vocab_size"):
-        evaluate.main(["--run", str(tmp_path / "small"), "--docs", "train", "--out", str(out)])
+        evaluate_cli.run(["--run", str(tmp_path / "small"), "--docs", "train", "--out", str(out)])
 
 
 def test_sharded_evaluation_equals_single_device(setup):
-    from gf_jax.sharding import MeshConfig, make_mesh
+    from gf_jax.model.sharding import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))  # 8 simulated CPU devices
     model, tok = setup["trained"], setup["tokenizer"]

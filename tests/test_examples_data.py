@@ -11,7 +11,7 @@ from gf_jax import data
 from gf_jax.data import chat
 from gf_jax.data.example_batches import ExampleIterator, example_eval_batches
 from gf_jax.goldfish import GoldfishConfig, goldfish_mask
-from gf_jax.tokenizer import Tokenizer
+from gf_jax.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA3 = os.path.join(REPO, "tests", "fixtures", "hf", "llama3")
@@ -56,7 +56,7 @@ def config(path, **kw):
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.load(LLAMA3)
+    return load_tokenizer(LLAMA3)
 
 
 def test_only_the_completion_and_eos_are_supervised(tmp_path, tok):
@@ -179,7 +179,7 @@ def test_chat_examples_supervise_assistant_turns_with_the_tokenizers_template(tm
     convo = MESSAGES + [{"role": "assistant", "content": "Four."}]
     cfg = data.DataConfig(source="jsonl", path=write_jsonl(tmp_path / "c.jsonl", [{"messages": convo}]),
                           format="chat", tokenizer=tok_dir)
-    tok = Tokenizer.load(tok_dir)
+    tok = load_tokenizer(tok_dir)
     enc = data.encode_examples(data.read_examples(cfg), tok, cfg)
     tokens, sup = enc.tokens[0], enc.supervised[0]
     # This template's generation prompt lacks the turn's indentation, so the header is supervised too.
@@ -196,7 +196,7 @@ def test_chatml_spans_are_the_replies_and_their_end_markers():
 
 
 def test_sentencepiece_tokenizer_maps_special_pieces_and_offsets(tmp_path):
-    tok = Tokenizer.load(os.path.join(LLAMA2, "tokenizer.model"))
+    tok = load_tokenizer(os.path.join(LLAMA2, "tokenizer.model"))
     cfg = data.DataConfig(source="jsonl", path=write_jsonl(tmp_path / "c.jsonl", [{"messages": MESSAGES[:3]}]),
                           format="chat", chat_template="llama2", tokenizer=LLAMA2)
     enc = data.encode_examples(data.read_examples(cfg), tok, cfg)
@@ -248,11 +248,12 @@ def test_example_formats_need_jsonl():
         data.DataConfig(format="chat")
 
 
-def test_make_train_iterator_serves_examples_and_splits_them(tmp_path, tok):
+def test_the_example_task_serves_examples_and_splits_them(tmp_path, tok):
     cfg = config(write_jsonl(tmp_path / "qa.jsonl", qa_records(40)), validation_fraction=0.25)
-    it = data.make_train_iterator(cfg, tok, global_batch=4, seq_len=64, process_index=0, process_count=1,
-                                  prefetch=0)
+    task = data.task_for(cfg)
+    assert isinstance(task, data.ExampleTask) and isinstance(data.task_for(data.DataConfig()), data.TextTask)
+    it = task.train_iterator(tok, global_batch=4, seq_len=64, process_index=0, process_count=1, prefetch=0)
     assert isinstance(it, ExampleIterator) and next(it).doc_ids_BxT is None
     train_ids = {d.id for d in it.documents}
-    val_ids = {d.id for d in data.load_documents(cfg, "validation")}
+    val_ids = {d.id for d in task.documents("validation")}
     assert train_ids and val_ids and not train_ids & val_ids and len(train_ids | val_ids) == 40

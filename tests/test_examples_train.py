@@ -4,7 +4,7 @@ import json
 import os
 
 from gf_jax.config import config_from_dict
-from gf_jax.trainer import Trainer
+from gf_jax.train.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA3 = os.path.join(REPO, "tests", "fixtures", "hf", "llama3")
@@ -37,10 +37,10 @@ def test_training_on_examples_runs_and_evaluates_answers_only(tmp_path):
     assert trainer.run()["step"] == 3
     trainer.close()
 
-    from gf_jax import evaluate
+    from gf_jax.evaluate import cli as evaluate_cli
 
     run_dir = str(tmp_path / "run")
-    results = evaluate.main(["--run", run_dir, "--docs", "train", "--heldout", "validation", "--suffix-len", "4",
+    results = evaluate_cli.run(["--run", run_dir, "--docs", "train", "--heldout", "validation", "--suffix-len", "4",
                              "--batch-size", "8", "--out", str(tmp_path / "eval")])
     result = results["run"]
     per_doc = result["memorization"]["per_doc"]

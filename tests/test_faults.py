@@ -20,8 +20,8 @@ import pytest
 from conftest import corpus_tokenizer_path
 
 from gf_jax.config import load_config
-from gf_jax.runlock import LOCK_FILE
-from gf_jax.train import Trainer
+from gf_jax.run.rundir import LOCK_FILE
+from gf_jax.train.cli import Trainer
 
 pytestmark = pytest.mark.skipif(not os.environ.get("GF_JAX_SLOW_TESTS"),
                                 reason="slow (a dozen process starts); set GF_JAX_SLOW_TESTS=1")

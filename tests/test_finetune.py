@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax.checkpoint import load_model
 from gf_jax.config import config_from_dict
-from gf_jax.hf.export import export_run
-from gf_jax.trainer import Trainer
+from gf_jax.run.export import export_run
+from gf_jax.run.load import load_model
+from gf_jax.train.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA3 = os.path.join(REPO, "tests", "fixtures", "hf", "llama3")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax import generate as gen
-from gf_jax.model import ModelConfig, Transformer
+from gf_jax.model import ModelConfig
+from gf_jax.model import generate as gen
+from gf_jax.model.transformer import Transformer
 
 # init_std 0.5: a random model with confident, prompt-dependent predictions (no near-ties to flip).
 CONFIG = ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -120,7 +121,7 @@ def test_bad_arguments_are_explained(model):
 
 
 def test_sharded_decoding_equals_single_device(model):
-    from gf_jax.sharding import MeshConfig, make_mesh
+    from gf_jax.model.sharding import MeshConfig, make_mesh
 
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (4, 19, 1, 8, 27, 13)]

@@ -10,10 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from gf_jax import checkpoint
-from gf_jax.hf import export, load, runs
+from gf_jax.hf import export, load
 from gf_jax.hf.safetensors_io import SafetensorsReader, write_sharded
-from gf_jax.sharding import MeshConfig, make_mesh
+from gf_jax.model.sharding import MeshConfig, make_mesh, shardings_on
+from gf_jax.model.transformer import abstract_model
+from gf_jax.run import hf_import, source
+from gf_jax.run import load as run_load
+from gf_jax.run.export import export_run
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,13 +32,13 @@ def params(model):
 
 @pytest.mark.parametrize("name", ["llama3", "llama2", "mistral", "qwen2", "qwen3"])
 def test_import_then_export_is_bit_exact_with_the_original_architecture(tmp_path, name):
-    model, config, tok = checkpoint.load_model(fixture(name), param_dtype="float32")
-    run = runs.import_to_run(fixture(name), str(tmp_path / "run"))
-    model_run, config_run, tok_run = checkpoint.load_model(run)
+    model, config, tok = run_load.load_model(fixture(name), param_dtype="float32")
+    run = hf_import.import_to_run(fixture(name), str(tmp_path / "run"))
+    model_run, config_run, tok_run = run_load.load_model(run)
     assert config_run.model == config.model and type(tok_run) is type(tok)
     out = str(tmp_path / "out")
-    export.export_run(run, out, dtype="float32")
-    model_out, _, tok_out = checkpoint.load_model(out, param_dtype="float32")
+    export_run(run, out, dtype="float32")
+    model_out, _, tok_out = run_load.load_model(out, param_dtype="float32")
     a, b, c = params(model), params(model_run), params(model_out)
     assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
     with open(os.path.join(fixture(name), "config.json")) as f, open(os.path.join(out, "config.json")) as g:
@@ -47,7 +50,7 @@ def test_import_then_export_is_bit_exact_with_the_original_architecture(tmp_path
 
 
 def test_export_in_the_stored_dtype_reproduces_the_original_bytes(tmp_path):
-    model, _, tok = checkpoint.load_model(fixture("mistral"))  # bfloat16, as stored
+    model, _, tok = run_load.load_model(fixture("mistral"))  # bfloat16, as stored
     export.export_model(model, tok, str(tmp_path), source_dir=fixture("mistral"), dtype="bfloat16")
     original, exported = SafetensorsReader(fixture("mistral")), SafetensorsReader(str(tmp_path))
     assert original.names() == exported.names()
@@ -86,9 +89,9 @@ def test_writer_output_reads_with_the_safetensors_library_and_shards(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3"])
 def test_sharded_load_on_8_devices_equals_single_device(name):
-    single, _, _ = checkpoint.load_model(fixture(name), param_dtype="float32")
+    single, _, _ = run_load.load_model(fixture(name), param_dtype="float32")
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-    sharded, _, _ = checkpoint.load_model(fixture(name), mesh=mesh, param_dtype="float32")
+    sharded, _, _ = run_load.load_model(fixture(name), mesh=mesh, param_dtype="float32")
     wq = sharded.blocks[0].attn.wq.get_value()
     assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
     shard_shapes = {s.data.shape for s in wq.addressable_shards}
@@ -98,31 +101,30 @@ def test_sharded_load_on_8_devices_equals_single_device(name):
 
 
 def test_load_pretrained_params_onto_given_shardings():
-    config = checkpoint.pretrained_model_config(fixture("qwen2"))
+    config = source.architecture(fixture("qwen2"))
     config = type(config)(**{**config.__dict__, "param_dtype": "float32"})
-    graphdef, abstract = load.abstract_model(config)
+    graphdef, abstract = abstract_model(config)
     mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
-    state = checkpoint.load_pretrained_params(fixture("qwen2"), abstract, load.default_shardings(abstract, mesh),
-                                              config)
+    state = source.load_params(fixture("qwen2"), abstract, shardings_on(abstract, mesh), config)
     emb = state["embedding"].get_value()
     assert emb.dtype == np.float32 and emb.sharding.spec[1] == "fsdp" and len(emb.sharding.device_set) == 8
 
 
 def test_run_dir_at_step_is_accepted(tmp_path):
-    run = runs.import_to_run(fixture("llama2"), str(tmp_path / "run"))
-    model, config, tok = checkpoint.load_pretrained(f"{run}@0")
-    assert config == checkpoint.pretrained_model_config(f"{run}@0") and tok.bos_id == 1
+    run = hf_import.import_to_run(fixture("llama2"), str(tmp_path / "run"))
+    model, config, tok = run_load.load_pretrained(f"{run}@0")
+    assert config == source.architecture(f"{run}@0") and tok.bos_id == 1
     with pytest.raises(FileNotFoundError, match="has no checkpoint of step 5"):
-        checkpoint.load_pretrained_params(f"{run}@5", None, None, config)
+        source.load_params(f"{run}@5", None, None, config)
 
 
 def test_evaluate_accepts_a_hugging_face_directory(tmp_path):
-    from gf_jax import evaluate
+    from gf_jax.evaluate import cli as evaluate_cli
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in
                             ["First Citizen: Before we proceed any further, hear me speak. " * 3,
                              "All: Speak, speak. You are all resolved rather to die than to famish? " * 2]))
-    results = evaluate.main(["--run", fixture("llama3"), "--docs", str(docs), "--suffix-len", "8",
+    results = evaluate_cli.run(["--run", fixture("llama3"), "--docs", str(docs), "--suffix-len", "8",
                              "--batch-size", "2", "--out", str(tmp_path / "eval")])
     assert list(results) == ["llama3"] and results["llama3"]["memorization"]["aggregate"]

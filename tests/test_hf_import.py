@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gf_jax.generate import generate
 from gf_jax.hf import config as hf_config
 from gf_jax.hf import load as hf_load
 from gf_jax.model import ModelConfig
+from gf_jax.model.generate import generate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = ["llama3", "llama2", "mistral", "qwen2", "qwen3"]

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from gf_jax.hf.tokenizer import HFTokenizer, special_ids
-from gf_jax.tokenizer import Tokenizer
+from gf_jax.tokenizer import load_tokenizer
+from gf_jax.tokenizer.hf_tokenizer import HFTokenizer, special_ids
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 
@@ -20,7 +20,7 @@ def reference(name):
 
 @pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3"])
 def test_tokenizer_json_ids_equal_transformers(name):
-    tok = Tokenizer.load(os.path.join(FIXTURES, name))
+    tok = load_tokenizer(os.path.join(FIXTURES, name))
     assert isinstance(tok, HFTokenizer)
     ref = reference(name)
     assert tok.encode(ref["texts"]) == ref["ids"]
@@ -32,13 +32,13 @@ def test_tokenizer_json_ids_equal_transformers(name):
 
 @pytest.mark.parametrize("name", ["llama3", "qwen3"])
 def test_byte_level_bpe_round_trips_exactly(name):
-    tok = Tokenizer.load(os.path.join(FIXTURES, name))
+    tok = load_tokenizer(os.path.join(FIXTURES, name))
     texts = reference(name)["texts"]
     assert tok.decode(tok.encode(texts)) == texts
 
 
 def test_sentencepiece_only_directory_gives_the_sentencepiece_tokenizer():
-    tok = Tokenizer.load(os.path.join(FIXTURES, "llama2"))
+    tok = load_tokenizer(os.path.join(FIXTURES, "llama2"))
     assert not isinstance(tok, HFTokenizer) and tok.path.endswith("tokenizer.model")
     ref = reference("llama2")
     # transformers' LlamaTokenizer drops one of several *leading* spaces that sentencepiece keeps;
@@ -51,7 +51,7 @@ def test_sentencepiece_only_directory_gives_the_sentencepiece_tokenizer():
 
 
 def test_bos_eos_framing_and_missing_bos():
-    qwen = Tokenizer.load(os.path.join(FIXTURES, "qwen3"))
+    qwen = load_tokenizer(os.path.join(FIXTURES, "qwen3"))
     assert qwen.encode_arrays(["hi"], add_eos=True)[0].tolist() == qwen.encode(["hi"])[0] + [qwen.eos_id]
     with pytest.raises(ValueError, match="names no BOS token; set data.add_bos=false"):
         qwen.encode_arrays(["hi"], add_bos=True)
@@ -62,7 +62,7 @@ def test_a_tokenizer_json_under_any_name_is_recognised(tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(src, f), tmp_path)
     os.rename(tmp_path / "tokenizer.json", tmp_path / "tokenizer.model")  # as a trainer may copy it
-    tok = Tokenizer.load(str(tmp_path / "tokenizer.model"))
+    tok = load_tokenizer(str(tmp_path / "tokenizer.model"))
     assert isinstance(tok, HFTokenizer) and tok.bos_id == reference("llama3")["special_ids"]["bos"]
 
 
@@ -77,4 +77,4 @@ def test_special_ids_precedence(tmp_path):
 
 def test_directory_without_tokenizer_names_both_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
-        Tokenizer.load(str(tmp_path))
+        load_tokenizer(str(tmp_path))

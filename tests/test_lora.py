@@ -11,16 +11,21 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from gf_jax import lora
 from gf_jax.batch import Batch
-from gf_jax.checkpoint import load_model, pretrained_model_config
 from gf_jax.config import config_from_dict
-from gf_jax.hf.export import export_model, export_run
+from gf_jax.hf.export import export_model
 from gf_jax.hf.safetensors_io import SafetensorsReader
-from gf_jax.model import ModelConfig, Transformer
-from gf_jax.sharding import MeshConfig, make_mesh
-from gf_jax.step import StepConfig, make_step_functions
-from gf_jax.trainer import Trainer
+from gf_jax.model import LoRAConfig, ModelConfig, lora
+from gf_jax.model.counting import flops_per_token
+from gf_jax.model.sharding import MeshConfig, make_mesh
+from gf_jax.model.transformer import Transformer
+from gf_jax.model.transforms import merged as merged_model
+from gf_jax.model.transforms import relayout
+from gf_jax.run.export import export_run
+from gf_jax.run.load import load_model
+from gf_jax.run.source import architecture
+from gf_jax.train.step import StepConfig, make_step_functions
+from gf_jax.train.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA3 = os.path.join(REPO, "tests", "fixtures", "hf", "llama3")
@@ -66,7 +71,7 @@ def lora_run(tmp_path_factory):
 def test_lora_settings_from_yaml_and_the_command_line():
     from_yaml = config_from_dict({"model": {"lora": {"rank": 16, "alpha": 32, "targets": ["q", "v"]}}})
     from_cli = config_from_dict({}, ["model.lora.rank=16", "model.lora.alpha=32", "model.lora.targets=[q, v]"])
-    assert from_yaml.model.lora == from_cli.model.lora == lora.LoRAConfig(16, 32.0, ("q", "v"))
+    assert from_yaml.model.lora == from_cli.model.lora == LoRAConfig(16, 32.0, ("q", "v"))
     assert from_cli.model.lora.scale == 2.0 and config_from_dict({}).model.lora.enabled is False
 
 
@@ -90,7 +95,7 @@ def test_lora_without_a_base_or_on_a_lora_run_is_refused(lora_run, tmp_path):
         Trainer(config)
     assert not os.path.exists(tmp_path / "x" / "config.yaml")
     with pytest.raises(ValueError, match=r"is a LoRA run .* --merge-lora\) and start from OUT"):
-        pretrained_model_config(lora_run[0])
+        architecture(lora_run[0])
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -103,7 +108,7 @@ def forward(model, tokens_BxT):
 
 def tiny(n_layers=2, remat="none", **lora_settings):
     return ModelConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
-                       remat=remat, lora=lora.LoRAConfig(**lora_settings) if lora_settings else lora.LoRAConfig())
+                       remat=remat, lora=LoRAConfig(**lora_settings) if lora_settings else LoRAConfig())
 
 
 def with_random_adapters(model, seed=1):
@@ -121,7 +126,7 @@ def test_fresh_adapters_compute_the_base_model_and_merging_equals_the_unmerged_f
     nnx.update(adapted, lora.split(nnx.state(plain))[0])  # same base weights
     np.testing.assert_array_equal(forward(adapted, tokens_BxT), forward(plain, tokens_BxT))  # B = 0: the base
     with_random_adapters(adapted)
-    merged = lora.merged(adapted)
+    merged = merged_model(adapted)
     assert not merged.config.lora.enabled and not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
     assert np.abs(np.asarray(forward(adapted, tokens_BxT) - forward(plain, tokens_BxT))).max() > 1e-2
     np.testing.assert_allclose(forward(merged, tokens_BxT), forward(adapted, tokens_BxT), rtol=1e-5, atol=1e-5)
@@ -138,12 +143,33 @@ def test_adapter_dropout_acts_in_training_steps_only():
 
     @nnx.jit
     def with_dropout(model, tokens_BxT):
-        with lora.dropout_key(jax.random.key(3)):
-            return model(tokens_BxT)
+        return model(tokens_BxT, dropout_key=jax.random.key(3))
 
     plain = forward(model, tokens_BxT)
     assert np.abs(np.asarray(with_dropout(model, tokens_BxT) - plain)).max() > 1e-3
     np.testing.assert_array_equal(forward(model, tokens_BxT), plain)  # outside a training step: no dropout
+
+
+def test_scanned_layers_draw_each_layer_its_own_dropout_masks():
+    """Dropout keys are split per layer, so the scanned model draws exactly the masks the unrolled
+    one draws (a scan body traced once used to give every layer the same mask), and two layers'
+    masks differ."""
+    config = tiny(n_layers=3, rank=4, dropout=0.5, targets=("q", "v", "up"))
+    unrolled = with_random_adapters(Transformer(config, rngs=nnx.Rngs(0)))
+    scanned = relayout(unrolled, scan_layers=True)
+    tokens_BxT = jnp.arange(32).reshape(2, 16) % 64
+    key = jax.random.key(7)
+
+    @nnx.jit
+    def with_dropout(model, tokens_BxT, key):
+        return model(tokens_BxT, dropout_key=key)
+
+    np.testing.assert_allclose(with_dropout(scanned, tokens_BxT, key), with_dropout(unrolled, tokens_BxT, key),
+                               rtol=1e-5, atol=1e-5)
+    keys_L = lora.layer_keys(key, config.n_layers)
+    ones = jnp.ones((2, 16, 32))
+    masks = [lora.dropout(ones, 0.5, jax.random.fold_in(keys_L[layer], 0)) for layer in range(config.n_layers)]
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
 
 
 # ---- the step: what trains, meshes, accumulation -----------------------------------------------------
@@ -170,9 +196,8 @@ def _train(sc, mesh, host_state, steps=2):
 
 
 def test_only_adapters_train_and_8_fsdp_devices_with_accumulation_equal_one_device():
+    from gf_jax.config import LossConfig, OptimizerConfig
     from gf_jax.goldfish import GoldfishConfig
-    from gf_jax.optim import OptimizerConfig
-    from gf_jax.step import LossConfig
 
     model = tiny(n_layers=1, remat="full", rank=4, alpha=8, targets=("q", "v", "o", "down"))
     sc = StepConfig(model, GoldfishConfig(k=3), OptimizerConfig(lr=1e-2, warmup=1), LossConfig(), total_steps=4)
@@ -311,8 +336,8 @@ def test_flops_per_token_of_a_lora_step_skips_the_base_weight_gradients():
                                                              "lm_head"))
     adapters = sum(v.size for p, v in flat.items() if "lora" in p)
     attention = 12 * 2 * 4 * 8 * 16  # 12 L N H T
-    assert lora.flops_per_token(tiny(), 16) == 6 * matmul + attention
-    assert lora.flops_per_token(config, 16) == 4 * matmul + attention + 6 * adapters
+    assert flops_per_token(tiny(), 16) == 6 * matmul + attention
+    assert flops_per_token(config, 16) == 4 * matmul + attention + 6 * adapters
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -324,7 +349,7 @@ def test_flops_per_token_of_a_lora_step_skips_the_base_weight_gradients():
 def test_peft_settings_the_adapters_cannot_represent_are_named(tmp_path, setting, message):
     from gf_jax.hf.peft import adapter_config, read_adapter_config
 
-    values = {**adapter_config(lora.LoRAConfig(rank=8, targets=("q", "v")), "/models/base"), **setting}
+    values = {**adapter_config(LoRAConfig(rank=8, targets=("q", "v")), "/models/base"), **setting}
     (tmp_path / "adapter_config.json").write_text(json.dumps(values))
     with pytest.raises(ValueError, match=message):
         read_adapter_config(str(tmp_path))

@@ -114,9 +114,9 @@ def test_chunked_loss_on_a_mesh_equals_the_unsharded_loss(axis_type, hidden_spec
     np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-6)
 
 
-def _gemma_like_head(params, h_BxExD):
+def _gemma_like_head(params, hidden_BxExD):
     """Tied, transposed embedding (V x D), an output bias and tanh soft-capping."""
-    logits = jnp.einsum("bed,vd->bev", h_BxExD, params["embedding_VxD"]) + params["bias_V"]
+    logits = jnp.einsum("bed,vd->bev", hidden_BxExD, params["embedding_VxD"]) + params["bias_V"]
     return 30.0 * jnp.tanh(logits / 30.0)
 
 
@@ -129,7 +129,7 @@ def test_chunked_loss_with_head_fn_equals_loss_on_the_heads_logits(mesh_kind):
         return _loss(_gemma_like_head(params, h), targets, positions)
 
     def chunked(params, h, t, p):
-        head_fn = lambda h_BxExD: _gemma_like_head(params, h_BxExD)  # noqa: E731
+        head_fn = lambda hidden_BxExD: _gemma_like_head(params, hidden_BxExD)  # noqa: E731
         return gf_jax.chunked_loss_fn(h, head_fn, t, CFG, positions_BxT=p, chunk_size=5, **KW)
 
     (ref, _), ref_grads = jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)(params, hidden)

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from gf_jax import metrics
+from gf_jax.evaluate import metrics
 
 
 def _brute_auc(pos, neg):

@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax.model import (
-    ModelConfig,
-    Transformer,
-    flops_per_token,
-    param_count,
-)
+from gf_jax.model import ModelConfig, flops_per_token, param_count
+from gf_jax.model.transformer import Transformer
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gf_jax import data as data_lib
-from gf_jax.checkpoint import load_model
-from gf_jax.config import load_config
-from gf_jax.distributed import DistributedConfig, plan
-from gf_jax.tokenizer import corpus_tokenizer
-from gf_jax.train import Trainer
+from gf_jax.config import DistributedConfig, load_config
+from gf_jax.data import TextTask, corpus_tokenizer
+from gf_jax.run.distributed import plan
+from gf_jax.run.load import load_model
+from gf_jax.train.cli import Trainer
 
 # ---------------------------------------------------------------------------------------------
 # The decision: explicit settings, environment variables, detected clusters, single process.
@@ -179,7 +178,7 @@ def records(run_dir) -> list[dict]:
 def reference_run(config, n_processes: int, monkeypatch) -> str:
     """The same training in this process on as many devices, fed the global batches that
     ``n_processes`` processes assemble (their local shares, concatenated in process order)."""
-    original = data_lib.make_train_iterator
+    original = TextTask.train_iterator
 
     class Shares:
         def __init__(self, iterators):
@@ -196,10 +195,11 @@ def reference_run(config, n_processes: int, monkeypatch) -> str:
             for it in self.iterators:
                 it.close()
 
-    def make_train_iterator(*args, **kwargs):
-        return Shares([original(*args, process_index=i, process_count=n_processes, **kwargs) for i in range(n_processes)])
+    def train_iterator(self, tokenizer, **kwargs):
+        return Shares([original(self, tokenizer, process_index=i, process_count=n_processes, **kwargs)
+                       for i in range(n_processes)])
 
-    monkeypatch.setattr(data_lib, "make_train_iterator", make_train_iterator)
+    monkeypatch.setattr(TextTask, "train_iterator", train_iterator)
     Trainer(config, devices=jax.devices()[: n_processes * DEVICES_PER_PROCESS], log=lambda line: None).run()
     return config.train.run_dir
 

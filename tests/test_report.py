@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gf_jax import metrics, report
+from gf_jax.evaluate import metrics, report
 
 
 def _result(rouges, memorized, mia=True, heldout=True):

@@ -14,12 +14,16 @@ import time
 import pytest
 from conftest import corpus_tokenizer_path
 
-from gf_jax import evaluate, runlock
-from gf_jax import tokenizer as tokenizer_lib
-from gf_jax.checkpoint import CorruptCheckpointError, load_model
+from gf_jax import evaluate
 from gf_jax.config import load_config
-from gf_jax.runlock import LOCK_FILE, RunDirInUse, RunLock, RunLockLost
-from gf_jax.train import Trainer, main
+from gf_jax.evaluate import cli as evaluate_cli
+from gf_jax.run import lock as runlock
+from gf_jax.run.checkpoint import CorruptCheckpointError
+from gf_jax.run.load import load_model
+from gf_jax.run.lock import RunDirInUse, RunLock, RunLockLost
+from gf_jax.run.rundir import LOCK_FILE
+from gf_jax.tokenizer import cli as tokenizer_cli
+from gf_jax.train.cli import Trainer, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -290,11 +294,11 @@ def test_the_checkpoint_is_saved_before_an_evaluation_can_fail(tokenizer_path, t
 def test_evaluate_rejects_max_docs_below_one_and_an_unwritable_out(four_steps, tmp_path):
     for bad in ("0", "-1"):
         with pytest.raises(ValueError, match=rf"--max-docs must be >= 1 .*got {bad}\."):
-            evaluate.main(["--run", four_steps, "--docs", "train", "--max-docs", bad])
+            evaluate_cli.run(["--run", four_steps, "--docs", "train", "--max-docs", bad])
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(ValueError, match=r"--out .*file/report cannot be a report directory: .*file is a file"):
-        evaluate.main(["--run", four_steps, "--docs", "train", "--out", str(a_file / "report")])
+        evaluate_cli.run(["--run", four_steps, "--docs", "train", "--out", str(a_file / "report")])
 
 
 def test_evaluate_checks_out_before_evaluating(four_steps, tmp_path, monkeypatch):
@@ -306,7 +310,7 @@ def test_evaluate_checks_out_before_evaluating(four_steps, tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("evaluated before checking --out"))
     with pytest.raises(ValueError, match=r"--out .* cannot be written \(.*Permission denied\)"):
-        evaluate.main(["--run", four_steps, "--docs", "train", "--out", str(tmp_path / "out")])
+        evaluate_cli.run(["--run", four_steps, "--docs", "train", "--out", str(tmp_path / "out")])
 
 
 def test_invalid_yaml_names_file_line_and_column(tmp_path):
@@ -331,14 +335,14 @@ def test_tokenizer_cli_misuse_is_one_sentence(tmp_path, capsys):
     ]
     for inputs, vocab, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
-            tokenizer_lib.main(["train", "--input", *inputs, "--vocab-size", vocab, "--out", str(tmp_path / "tok")])
+            tokenizer_cli.main(["train", "--input", *inputs, "--vocab-size", vocab, "--out", str(tmp_path / "tok")])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err, err
 
 
 def test_a_metrics_line_cut_short_by_a_crash_does_not_block_the_resume(tmp_path):
-    from gf_jax.tracker import JsonlWriter, read_metrics
+    from gf_jax.train.tracker import JsonlWriter, read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n{"step": 3, "lo')
     assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.9}]

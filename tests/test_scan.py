@@ -13,15 +13,16 @@ import pytest
 from conftest import corpus_tokenizer_path
 from flax import nnx
 
-from gf_jax import checkpoint, generate, layers
 from gf_jax.batch import Batch
-from gf_jax.config import load_config
+from gf_jax.config import LossConfig, OptimizerConfig, load_config
 from gf_jax.goldfish import GoldfishConfig
-from gf_jax.model import ModelConfig, Transformer
-from gf_jax.optim import OptimizerConfig
-from gf_jax.sharding import MeshConfig, make_mesh, model_shardings
-from gf_jax.step import LossConfig, StepConfig, make_step_functions
-from gf_jax.train import Trainer
+from gf_jax.model import ModelConfig, generate, layers
+from gf_jax.model.sharding import MeshConfig, abstract_with_shardings, make_mesh, model_shardings
+from gf_jax.model.transformer import Transformer
+from gf_jax.model.transforms import relayout
+from gf_jax.run.load import load_model
+from gf_jax.train.cli import Trainer
+from gf_jax.train.step import StepConfig, make_step_functions
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32, init_std=0.2)
 
@@ -33,13 +34,13 @@ def _one_device():
 def _abstract(config, mesh=None):
     """``(graphdef, abstract state with shardings)`` of ``config``'s model (one device by default)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-    return graphdef, checkpoint.abstract_with_shardings(state, model_shardings(state, mesh or _one_device()))
+    return graphdef, abstract_with_shardings(state, model_shardings(state, mesh or _one_device()))
 
 
 def _relayout(model, scan_layers: bool, **fields):
-    """``model`` in the other block layout (gf_jax.layers.relayout); ``fields``: other ModelConfig
+    """``model`` in the other block layout (gf_jax.model.transforms.relayout); ``fields``: other ModelConfig
     fields of the result (e.g. remat)."""
-    converted = layers.relayout(model, scan_layers)
+    converted = relayout(model, scan_layers)
     graphdef, _ = _abstract(dataclasses.replace(converted.config, **fields))
     return nnx.merge(graphdef, nnx.state(converted))
 
@@ -175,7 +176,7 @@ def test_scanned_train_step_equals_unrolled(mesh_config):
     want_metrics, want_state = _two_steps(unrolled_sc, one, model_state, opt_state)
 
     fns = make_step_functions(scanned_sc, one)
-    abstract = [checkpoint.abstract_with_shardings(a, s) for a, s in (
+    abstract = [abstract_with_shardings(a, s) for a, s in (
         (fns.abstract_model_state, fns.model_shardings), (fns.abstract_opt_state, fns.opt_shardings))]
     scanned_states = [layers.convert(s, a) for s, a in zip((model_state, opt_state), abstract)]
     mesh = one if mesh_config.fsdp == mesh_config.tensor == 1 else make_mesh(mesh_config)
@@ -266,16 +267,16 @@ def test_resume_across_layouts_equals_uninterrupted(unrolled_run, tokenizer_path
     run_dir = str(tmp_path / "run")
     _run_in_stages(tokenizer_path, run_dir, stages)
     np.testing.assert_allclose(_losses(run_dir), _losses(unrolled_run), rtol=1e-5)
-    final, config, _ = checkpoint.load_model(run_dir, scan_layers=False)  # converted if saved scanned
+    final, config, _ = load_model(run_dir, scan_layers=False)  # converted if saved scanned
     assert config.model.scan_layers is False
-    want, _, _ = checkpoint.load_model(unrolled_run)
+    want, _, _ = load_model(unrolled_run)
     _assert_same(_flat(nnx.state(final)), _flat(nnx.state(want)), rtol=1e-4, atol=5e-5)
 
 
 def test_load_model_and_init_from_convert_an_unrolled_run(unrolled_run, tokenizer_path, tmp_path):
-    unrolled, _, _ = checkpoint.load_model(unrolled_run)
+    unrolled, _, _ = load_model(unrolled_run)
     want = _stack_by_hand(_flat(nnx.state(unrolled)))
-    scanned, config, _ = checkpoint.load_model(unrolled_run, scan_layers=True)
+    scanned, config, _ = load_model(unrolled_run, scan_layers=True)
     assert config.model.scan_layers is True
     _assert_same(_flat(nnx.state(scanned)), want, rtol=0, atol=0)
     trainer = Trainer(_run_config(tokenizer_path, str(tmp_path / "new"), f"train.init_from={unrolled_run}",
@@ -297,9 +298,9 @@ def test_hf_import_into_stacked_layers_and_export_back(tmp_path, name):
     from gf_jax.hf.safetensors_io import SafetensorsReader
 
     fixture = os.path.join(HF_FIXTURES, name)
-    unrolled, _, tok = checkpoint.load_model(fixture)
+    unrolled, _, tok = load_model(fixture)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))  # shards read straight into the stacked layout
-    scanned, config, _ = checkpoint.load_model(fixture, scan_layers=True, mesh=mesh)
+    scanned, config, _ = load_model(fixture, scan_layers=True, mesh=mesh)
     assert config.model.scan_layers
     _assert_same(_flat(nnx.state(scanned)), _stack_by_hand(_flat(nnx.state(unrolled))), rtol=0, atol=0)
     export.export_model(scanned, tok, str(tmp_path), source_dir=fixture)  # in the stored dtype

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gf_jax.model import ModelConfig, Transformer
-from gf_jax.sharding import (
+from gf_jax.model import ModelConfig
+from gf_jax.model.sharding import (
     MeshConfig,
     batch_sharding,
     logical_to_spec,
@@ -16,6 +16,7 @@ from gf_jax.sharding import (
     mesh_shape,
     model_shardings,
 )
+from gf_jax.model.transformer import Transformer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 

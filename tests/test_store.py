@@ -135,7 +135,7 @@ _KILLED_PREPARE = """
 import sys, time
 from gf_jax import data
 from gf_jax.data import prepare
-from gf_jax.tokenizer import Tokenizer
+from gf_jax.tokenizer import load_tokenizer
 prepare.BATCH_CHARS = 1000
 add = prepare._Writer.add
 def slow_add(self, *args):
@@ -145,7 +145,7 @@ def slow_add(self, *args):
         time.sleep(60)
 prepare._Writer.add = slow_add
 config = data.DataConfig(path=sys.argv[1], max_documents=300, tokenizer=sys.argv[2])
-prepare.prepare_store(config, Tokenizer.load(sys.argv[2]), path=sys.argv[4], workers=1, progress=False)
+prepare.prepare_store(config, load_tokenizer(sys.argv[2]), path=sys.argv[4], workers=1, progress=False)
 """
 
 
@@ -217,7 +217,7 @@ def test_a_store_iterator_keeps_int32_per_document_and_nothing_per_row(config, t
     it = data.make_train_iterator(on_store(config), tok, global_batch=4, seq_len=32, process_index=0,
                                   process_count=1, prefetch=0)
     layout, rows = it._epoch(0)
-    assert it.tokens.refs_N.dtype == it.lengths.dtype == layout.starts.dtype == np.int32
+    assert it.tokens.refs_U.dtype == it.lengths.dtype == layout.starts.dtype == np.int32
     assert not isinstance(rows, np.ndarray) and not isinstance(layout.order, np.ndarray)
 
 
@@ -324,7 +324,7 @@ def test_canary_record_and_validation_match_the_in_memory_pipeline(config, tok):
 
 
 def test_prepare_command_line(tok, tmp_path, capsys):
-    from gf_jax.data.__main__ import main
+    from gf_jax.data.cli import main
 
     out = tmp_path / "store"
     assert main(["prepare", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--workers", "1",
@@ -339,7 +339,7 @@ _WAITING_PROCESS = """
 import json, sys
 from gf_jax import data
 from gf_jax.data import prepare
-from gf_jax.tokenizer import Tokenizer
+from gf_jax.tokenizer import load_tokenizer
 prepare.WAIT_POLL_SECONDS = 0.05
 def refuse(*args, **kwargs):
     raise AssertionError("process 1 prepared the store")
@@ -347,7 +347,7 @@ prepare.prepare_store = refuse
 config = data.DataConfig(path=sys.argv[1], max_documents=300, tokenizer=sys.argv[2], store="auto", store_dir=sys.argv[3],
                          store_wait=120)
 open(sys.argv[4], "w").close()   # tells the test this process is about to look for the store
-store = data.ensure_store(config, Tokenizer.load(sys.argv[2]), process_index=1, process_count=2)
+store = data.ensure_store(config, load_tokenizer(sys.argv[2]), process_index=1, process_count=2)
 print(json.dumps(store.manifest))
 """
 

@@ -1,10 +1,10 @@
-"""gf_jax.textcheck: binary input is refused in one sentence naming the file; text is not."""
+"""gf_jax.util.textcheck: binary input is refused in one sentence naming the file; text is not."""
 
 import os
 
 import pytest
 
-from gf_jax.textcheck import check_text_file
+from gf_jax.util.textcheck import check_text_file
 
 
 def test_text_passes_and_binary_is_refused(tmp_path):
@@ -28,11 +28,11 @@ def test_small_api_traps_are_refused_in_one_sentence(tmp_path):
 
     from gf_jax import GoldfishConfig, loss_fn
     from gf_jax.data import read_jsonl_documents
-    from gf_jax.tokenizer import Tokenizer
+    from gf_jax.tokenizer import load_tokenizer
 
     # A plain string would be encoded character by character.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tok = Tokenizer.load(os.path.join(repo, "tests", "fixtures", "hf", "llama2", "tokenizer.model"))
+    tok = load_tokenizer(os.path.join(repo, "tests", "fixtures", "hf", "llama2", "tokenizer.model"))
     with pytest.raises(TypeError, match=r"encode takes a list of texts; for one text use encode\(\[text\]\)\[0\]"):
         tok.encode("some text")
     assert tok.encode(["some text"])[0]

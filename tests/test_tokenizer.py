@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from gf_jax import tokenizer as tk
+from gf_jax.data import corpus_tokenizer
+from gf_jax.tokenizer import cli, load_tokenizer, training
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
 
@@ -21,8 +22,8 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    tk.main(["train", "--input", small_corpus, "--vocab-size", "330", "--out", str(out)])
-    return tk.Tokenizer.load(str(out / "tokenizer.model"))
+    cli.main(["train", "--input", small_corpus, "--vocab-size", "330", "--out", str(out)])
+    return load_tokenizer(str(out / "tokenizer.model"))
 
 
 def test_cli_trains_a_model_with_the_requested_size_and_special_ids(trained):
@@ -49,8 +50,8 @@ def test_encode_arrays_frames_with_bos_and_eos(trained):
 
 def test_training_is_deterministic(small_corpus, tmp_path):
     # Every host of a pod trains its own copy on first use; they must agree byte for byte.
-    a = tk.train_tokenizer([small_corpus], 330, str(tmp_path / "a"))
-    b = tk.train_tokenizer([small_corpus], 330, str(tmp_path / "b"))
+    a = training.train_tokenizer([small_corpus], 330, str(tmp_path / "a"))
+    b = training.train_tokenizer([small_corpus], 330, str(tmp_path / "b"))
     with open(a, "rb") as fa, open(b, "rb") as fb:
         assert fa.read() == fb.read()
 
@@ -58,32 +59,32 @@ def test_training_is_deterministic(small_corpus, tmp_path):
 def test_cache_reuses_and_retrains_when_the_corpus_changes(small_corpus, tmp_path):
     with open(small_corpus, encoding="utf-8") as fh:
         text = fh.read()
-    first = tk.cached_tokenizer([text], 330, str(tmp_path), verbose=False)
+    first = training.cached_tokenizer([text], 330, str(tmp_path), verbose=False)
     mtime = os.path.getmtime(first.path)
-    again = tk.default_tokenizer(small_corpus, 330, str(tmp_path))
+    again = training.default_tokenizer(small_corpus, 330, str(tmp_path))
     assert again.path == first.path and os.path.getmtime(again.path) == mtime
-    changed = tk.cached_tokenizer([text + "\nA new line, changed corpus."], 330, str(tmp_path), verbose=False)
-    other_size = tk.cached_tokenizer([text], 340, str(tmp_path), verbose=False)
+    changed = training.cached_tokenizer([text + "\nA new line, changed corpus."], 330, str(tmp_path), verbose=False)
+    other_size = training.cached_tokenizer([text], 340, str(tmp_path), verbose=False)
     assert len({first.path, changed.path, other_size.path}) == 3
     assert other_size.vocab_size == 340
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        tk.Tokenizer.load(str(tmp_path / "missing.model"))
+        load_tokenizer(str(tmp_path / "missing.model"))
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
-        tk.Tokenizer.load(str(junk))
+        load_tokenizer(str(junk))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        tk.train_tokenizer([str(tmp_path / "nope.txt")], 300, str(tmp_path / "o"))
+        training.train_tokenizer([str(tmp_path / "nope.txt")], 300, str(tmp_path / "o"))
     with pytest.raises(ValueError, match="empty"):
-        tk.train_from_texts(["", "  \n"], 300, str(tmp_path / "o"))
+        training.train_from_texts(["", "  \n"], 300, str(tmp_path / "o"))
     small = ["hello world this is a small corpus\nanother line here"]
     with pytest.raises(ValueError, match="too small for a 400-piece"):
-        tk.train_from_texts(small, 400, str(tmp_path / "o"))
+        training.train_from_texts(small, 400, str(tmp_path / "o"))
     with pytest.raises(ValueError, match="raise data.vocab_size"):
-        tk.train_from_texts(small, 262, str(tmp_path / "o"))
+        training.train_from_texts(small, 262, str(tmp_path / "o"))
 
 
 def test_corpus_tokenizer_trains_on_the_train_split_without_canaries(tmp_path, trained):
@@ -95,9 +96,9 @@ def test_corpus_tokenizer_trains_on_the_train_split_without_canaries(tmp_path, t
     texts = data.train_texts(config)
     train_ids = {d.id for d in data.load_documents(config, "train") if not d.id.startswith("canary/")}
     assert texts == [d.text for d in data.read_background(config) if d.id in train_ids]
-    tok = tk.corpus_tokenizer(config)
-    assert tok.vocab_size == 330 and tok.path == tk.cached_tokenizer(texts, 330, str(tmp_path)).path
-    assert tk.corpus_tokenizer(config, texts[:100]).path != tok.path  # given texts replace the corpus
-    assert tk.corpus_tokenizer(config, texts[:100]).path == tk.cached_tokenizer(texts[:100], 330, str(tmp_path)).path
+    tok = corpus_tokenizer(config)
+    assert tok.vocab_size == 330 and tok.path == training.cached_tokenizer(texts, 330, str(tmp_path)).path
+    assert corpus_tokenizer(config, texts[:100]).path != tok.path  # given texts replace the corpus
+    assert corpus_tokenizer(config, texts[:100]).path == training.cached_tokenizer(texts[:100], 330, str(tmp_path)).path
     configured = data.DataConfig(**{**config.__dict__, "tokenizer": trained.path})
-    assert tk.corpus_tokenizer(configured).path == trained.path  # a configured model wins, nothing trains
+    assert corpus_tokenizer(configured).path == trained.path  # a configured model wins, nothing trains

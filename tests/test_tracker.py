@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from gf_jax.loss import LossSums
-from gf_jax.tracker import JsonlWriter, NonFiniteLossError, TensorBoardWriter, Tracker, format_record, read_metrics
+from gf_jax.train.tracker import (
+    JsonlWriter,
+    NonFiniteLossError,
+    TensorBoardWriter,
+    Tracker,
+    format_record,
+    read_metrics,
+)
 
 
 def step_metrics(xent, z, xent_all, xent_dropped, kept, dropped, loss=1.0):

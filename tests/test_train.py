@@ -19,13 +19,14 @@ from flax import nnx
 
 from gf_jax import data as data_lib
 from gf_jax import goldfish
-from gf_jax.checkpoint import load_model
 from gf_jax.config import load_config
-from gf_jax.model import Transformer
-from gf_jax.sharding import MeshConfig, make_mesh
-from gf_jax.step import make_step_functions
-from gf_jax.tokenizer import Tokenizer, corpus_tokenizer
-from gf_jax.train import NonFiniteLossError, Trainer, main
+from gf_jax.data import corpus_tokenizer
+from gf_jax.model.sharding import MeshConfig, make_mesh
+from gf_jax.model.transformer import Transformer
+from gf_jax.run.load import load_model
+from gf_jax.tokenizer import load_tokenizer
+from gf_jax.train.cli import NonFiniteLossError, Trainer, main
+from gf_jax.train.step import make_step_functions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -117,7 +118,7 @@ def test_tiny_config_trains_and_the_loss_falls(reference_run):
 def test_logged_goldfish_metrics_match_the_batches(reference_run, tokenizer_path):
     """Drop fraction and supervised-token counts recomputed from the same batches on the host."""
     config = load_config(os.path.join(reference_run, "config.yaml"))
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     it = data_lib.make_train_iterator(config.data, tokenizer, global_batch=8, seq_len=32, prefetch=0)
     train, _ = records(reference_run)
     supervised, dropped_full, valid_full = 0, 0, 0
@@ -177,7 +178,7 @@ def test_nan_loss_stops_without_touching_the_last_good_checkpoint(reference_run,
 
 
 def _batches(config, n):
-    tokenizer = Tokenizer.load(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     it = data_lib.make_train_iterator(config.data, tokenizer, global_batch=config.train.global_batch,
                                       seq_len=config.train.seq_len, prefetch=0)
     return [b._replace(context_BxC=None, doc_ids_BxT=None) for b in (next(it) for _ in range(n))]

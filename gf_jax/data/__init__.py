@@ -20,18 +20,19 @@ positions in every row and carry an opaque iterator state).
 Modules, one concern each: ``config`` (DataConfig), ``sources`` (readers, Document),
 ``canaries`` (the stream with canary copies), ``splits`` (train/validation, per-process shares),
 ``tokens`` (tokenizing and fit checks), ``packing`` (rows and Batch assembly), ``shuffle`` (epoch
-orders: lazy Feistel bijections), ``iterator`` (BatchIterator), ``evaluation`` (eval_batches),
-``pipeline`` (config to iterator, to the mesh),
+orders: lazy Feistel bijections), ``iterator`` (BatchIterator), ``eval_batches`` (one in-order
+pass), ``pipeline`` (config to iterator, to the mesh), ``tasks`` (what ``data.format`` means:
+the one object per format that the trainer and the evaluation use; the corpus's tokenizer),
 ``store`` (the tokenized store's format and memory-mapped reader), ``prepare`` (its parallel
 writer; ``python -m gf_jax.data prepare --config C``), ``stored`` (a process's share from it);
 instruction and chat examples: ``examples`` (reading, tokens and supervision), ``chat`` (chat
 templates), ``example_batches`` (whole examples per row, weights on answers only).
-A tokenizer trained on the configured corpus: ``gf_jax.tokenizer.corpus_tokenizer``.
+Imports the core, the tokenizers and the small utilities below it; nothing above it.
 """
 
 from gf_jax.data.canaries import CANARY_PREFIX, DocumentStream, canary_plan, document_stream, load_canaries
 from gf_jax.data.config import FORMATS, MODES, SOURCES, SPLIT_RULES, STORES, DataConfig
-from gf_jax.data.evaluation import eval_batches
+from gf_jax.data.eval_batches import eval_batches
 from gf_jax.data.example_batches import ExampleIterator, example_eval_batches, make_example_iterator, supervise
 from gf_jax.data.examples import EncodedExamples, Example, encode_examples, read_examples
 from gf_jax.data.iterator import BatchIterator
@@ -51,6 +52,7 @@ from gf_jax.data.sources import (
 )
 from gf_jax.data.splits import load_documents, process_share, split_of, train_texts
 from gf_jax.data.store import TokenStore
+from gf_jax.data.tasks import ExampleTask, TextTask, corpus_tokenizer, task_for
 from gf_jax.data.tokens import check_documents_long_enough, check_vocab_fits, tokenize_documents
 
 __all__ = [
@@ -65,4 +67,5 @@ __all__ = [
     "Example", "EncodedExamples", "read_examples", "encode_examples", "ExampleIterator", "make_example_iterator",
     "example_eval_batches", "supervise",
     "validation_tokens", "ensure_store", "prepare_store", "TokenStore",
+    "TextTask", "ExampleTask", "task_for", "corpus_tokenizer",
 ]

@@ -40,14 +40,14 @@ def load_canaries(config: DataConfig) -> tuple[list[Document], list[Document]]:
 
 
 def canary_places(num_background: int, num_canaries: int, repeats: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(places_K, canary_K), K = num_canaries * repeats: the sorted stream indices holding a canary
+    """(places_Y, canary_Y), K = num_canaries * repeats: the sorted stream indices holding a canary
     copy and which canary each holds. Memory O(K), not O(stream): the tokenized store locates
     background documents around these places at any corpus size."""
     total = num_background + num_canaries * repeats
     rng = np.random.default_rng([seed, 0xCA7A21])
-    places_K = np.sort(rng.choice(total, size=num_canaries * repeats, replace=False)).astype(np.int64)
-    canary_K = rng.permutation(np.repeat(np.arange(num_canaries), repeats)).astype(np.int64)
-    return places_K, canary_K
+    places_Y = np.sort(rng.choice(total, size=num_canaries * repeats, replace=False)).astype(np.int64)
+    canary_Y = rng.permutation(np.repeat(np.arange(num_canaries), repeats)).astype(np.int64)
+    return places_Y, canary_Y
 
 
 def canary_plan(num_background: int, num_canaries: int, repeats: int, seed: int) -> np.ndarray:
@@ -56,25 +56,25 @@ def canary_plan(num_background: int, num_canaries: int, repeats: int, seed: int)
     Each canary appears ``repeats`` times at uniformly random places (seeded); the background
     keeps its order.
     """
-    places_K, canary_K = canary_places(num_background, num_canaries, repeats, seed)
-    plan = np.empty(num_background + len(places_K), np.int64)
+    places_Y, canary_Y = canary_places(num_background, num_canaries, repeats, seed)
+    plan = np.empty(num_background + len(places_Y), np.int64)
     is_canary = np.zeros(len(plan), bool)
-    is_canary[places_K] = True
+    is_canary[places_Y] = True
     plan[~is_canary] = np.arange(num_background)
-    plan[places_K] = -1 - canary_K
+    plan[places_Y] = -1 - canary_Y
     return plan
 
 
-def stream_refs(stream_range: range, places_K: np.ndarray, canary_K: np.ndarray) -> np.ndarray:
+def stream_refs(stream_range: range, places_Y: np.ndarray, canary_Y: np.ndarray) -> np.ndarray:
     """``canary_plan(...)[stream_range]`` computed from the canary places alone: background document
     j as j >= 0, canary c as -(c+1). Memory O(len(stream_range) + K)."""
-    index_N = np.arange(stream_range.start, stream_range.stop, dtype=np.int64)
-    before_N = np.searchsorted(places_K, index_N)  # canary copies at smaller stream indices
-    hit_N = before_N < len(places_K)
-    hit_N[hit_N] = places_K[before_N[hit_N]] == index_N[hit_N]
-    refs_N = index_N - before_N
-    refs_N[hit_N] = -1 - canary_K[before_N[hit_N]]
-    return refs_N
+    index_U = np.arange(stream_range.start, stream_range.stop, dtype=np.int64)
+    before_U = np.searchsorted(places_Y, index_U)  # canary copies at smaller stream indices
+    hit_U = before_U < len(places_Y)
+    hit_U[hit_U] = places_Y[before_U[hit_U]] == index_U[hit_U]
+    refs_U = index_U - before_U
+    refs_U[hit_U] = -1 - canary_Y[before_U[hit_U]]
+    return refs_U
 
 
 class DocumentStream(Sequence):

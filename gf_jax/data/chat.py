@@ -95,6 +95,7 @@ def resolve_template(tokenizer, name: str) -> str:
 @functools.lru_cache(maxsize=16)
 def compile_template(template: str):
     """The jinja2 template, compiled in the environment transformers uses."""
+    # chat templates only
     import jinja2
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment

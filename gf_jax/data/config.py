@@ -34,7 +34,7 @@ class DataConfig:
         accepts slicing such as ``train[:1%]``; ``tfds_data_dir`` may be a ``gs://`` bucket).
         ``id_field`` names an id feature there too.
       tokenizer: a sentencepiece ``.model``; None trains one on the corpus (cached; see
-        ``gf_jax.tokenizer.corpus_tokenizer``).
+        ``gf_jax.data.corpus_tokenizer``).
       vocab_size: size of that trained tokenizer.
       tokenizer_cache_dir: where trained tokenizers are cached (keyed by corpus content).
       add_bos, add_eos: frame each document with BOS/EOS.

@@ -21,7 +21,7 @@ from gf_jax.data.config import DataConfig
 from gf_jax.data.examples import EncodedExamples, encode_examples
 from gf_jax.data.iterator import BatchIterator, default_process
 from gf_jax.data.packing import RowLayout, assemble_rows
-from gf_jax.data.splits import load_documents, process_share
+from gf_jax.data.splits import process_share
 
 
 class ExampleLayout:
@@ -44,8 +44,8 @@ class ExampleLayout:
         picked = self.order[self.row_firsts[r]:self.row_firsts[r + 1]]
         return [(int(d), 0, int(self.lengths[d])) for d in picked]
 
-    def rows(self, r_R) -> list[list[tuple[int, int, int]]]:
-        return [self.row(int(r)) for r in r_R]
+    def rows(self, r_J) -> list[list[tuple[int, int, int]]]:
+        return [self.row(int(r)) for r in r_J]
 
 
 def layout_of(lengths: np.ndarray, order: np.ndarray, seq_len: int, mode: str):
@@ -91,12 +91,12 @@ class ExampleIterator(BatchIterator):
         return batch if self.keep_doc_ids else batch._replace(doc_ids_BxT=None)
 
 
-def make_example_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len: int, split: str = "train",
-                          process_index: int | None = None, process_count: int | None = None, prefetch: int = 2,
-                          with_doc_ids: bool = False) -> ExampleIterator:
-    """Training batches of examples for this process (its contiguous share of the split)."""
+def make_example_iterator(config: DataConfig, tokenizer, examples: Sequence, *, global_batch: int, seq_len: int,
+                          split: str = "train", process_index: int | None = None, process_count: int | None = None,
+                          prefetch: int = 2, with_doc_ids: bool = False) -> ExampleIterator:
+    """Training batches of ``examples`` (one split's, split by id hash as documents are) for this
+    process (its contiguous share)."""
     pi, pc = default_process(process_index, process_count)
-    examples = load_documents(config, split)  # Examples, split by id hash as documents are
     mine = [examples[i] for i in process_share(len(examples), pi, pc)]
     if not mine:
         raise ValueError(f"process {pi} of {pc} got no {split} examples out of {len(examples)}; use more examples "

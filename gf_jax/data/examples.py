@@ -15,12 +15,13 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from gf_jax.data import chat
 from gf_jax.data.config import DataConfig
+from gf_jax.data.sources import check_records, list_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +44,21 @@ class Example:
     messages: tuple[dict[str, Any], ...] | None = None
 
 
-class EncodedExamples(NamedTuple):
-    """Examples as tokens: ``tokens[i]`` int32 and ``supervised[i]`` bool of the same length, True
-    where token j is a supervised *target* (it is predicted from tokens < j); ``ids[i]`` its id;
-    ``answers[i]`` the token span [start, end) of its (last) answer, whatever ``train_on_prompt``
-    says: evaluation's prompt is what comes before it."""
+@dataclasses.dataclass(frozen=True)
+class EncodedExamples:
+    """Examples (or documents) as tokens: ``tokens[i]`` int32 and ``supervised[i]`` bool of the same
+    length, True where token j is a supervised *target* (it is predicted from tokens < j); ``ids[i]``
+    its id; ``answers[i]`` the token span [start, end) of its (last) answer, whatever
+    ``train_on_prompt`` says: evaluation's prompt is what comes before it (a document's answer is
+    everything after its first token). ``len()`` counts the items."""
 
     tokens: list[np.ndarray]
     supervised: list[np.ndarray]
     ids: list[str]
     answers: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,9 +99,7 @@ def _parse_messages(messages: Any, where: str, field: str) -> tuple[dict, ...]:
 
 def read_examples(config: DataConfig) -> list[Example]:
     """The examples of ``data.path`` (a ``.jsonl`` file or folder), in order, at most ``max_documents``."""
-    from gf_jax.data.sources import _files
-
-    files, root = _files(config.path, ".jsonl", "JSONL")
+    files, root = list_files(config.path, ".jsonl", "JSONL")
     examples = []
     for f in files:
         rel = os.path.relpath(f, root) if root else os.path.basename(f)
@@ -114,7 +118,7 @@ def read_examples(config: DataConfig) -> list[Example]:
                                      "key or to null.")
                 ex_id = str(record[config.id_field]) if config.id_field is not None else f"{rel}:{line_no}"
                 examples.append(Example(ex_id, _plain_text(fields), where, **fields))
-    return examples[: config.max_documents] if config.max_documents else examples
+    return check_records(examples[: config.max_documents] if config.max_documents else examples, config)
 
 
 def _plain_text(fields: dict) -> str:
@@ -156,39 +160,39 @@ def encode_example(example: Example, tokenizer, config: DataConfig, template: st
     """(tokens int32, supervised bool, token span of the last answer) of one example, at most
     ``max_len`` tokens (``data.truncate``)."""
     text, spans = _text_and_spans(example, config, template, special_tokens(tokenizer))
-    ids, starts_N = tokenizer.encode_offsets(text)
-    starts_N = np.asarray(starts_N, np.int64)
-    supervised_N = np.zeros(len(ids), bool)
+    ids, starts_U = tokenizer.encode_offsets(text)
+    starts_U = np.asarray(starts_U, np.int64)
+    supervised_U = np.zeros(len(ids), bool)
     for lo, hi in spans:  # a token is supervised when it starts inside a supervised span
-        supervised_N |= (starts_N >= lo) & (starts_N < hi)
+        supervised_U |= (starts_U >= lo) & (starts_U < hi)
     if example.messages is None:  # plain concatenation: frame with BOS/EOS as documents are
         if config.add_bos:
-            ids, supervised_N = [tokenizer.bos_id] + ids, np.concatenate([[False], supervised_N])
+            ids, supervised_U = [tokenizer.bos_id] + ids, np.concatenate([[False], supervised_U])
         if config.add_eos:  # the EOS after the completion is supervised: the model learns to stop
-            ids, supervised_N = ids + [tokenizer.eos_id], np.concatenate([supervised_N, [True]])
-    tokens_N = np.asarray(ids, np.int32)
-    supervised_N[:1] = False  # the first token is never a target
-    answer = last_run(supervised_N)
+            ids, supervised_U = ids + [tokenizer.eos_id], np.concatenate([supervised_U, [True]])
+    tokens_U = np.asarray(ids, np.int32)
+    supervised_U[:1] = False  # the first token is never a target
+    answer = last_run(supervised_U)
     if config.train_on_prompt:
-        supervised_N = np.arange(len(tokens_N)) > 0
-    if max_len is not None and len(tokens_N) > max_len:
+        supervised_U = np.arange(len(tokens_U)) > 0
+    if max_len is not None and len(tokens_U) > max_len:
         if not config.truncate:
-            raise ValueError(f"{example.where}: the example has {len(tokens_N)} tokens, more than the {max_len} "
+            raise ValueError(f"{example.where}: the example has {len(tokens_U)} tokens, more than the {max_len} "
                              "a row holds (train.seq_len + 1); shorten it, raise train.seq_len or set "
                              "data.truncate=true.")
-        tokens_N, supervised_N = tokens_N[:max_len], supervised_N[:max_len]
+        tokens_U, supervised_U = tokens_U[:max_len], supervised_U[:max_len]
         answer = (answer[0], min(answer[1], max_len))
-    if answer[0] >= answer[1] or not supervised_N.any():
+    if answer[0] >= answer[1] or not supervised_U.any():
         raise ValueError(f"{example.where}: no supervised token is left (the answer is empty or truncated away); "
                          "shorten the prompt or raise train.seq_len.")
-    return tokens_N, supervised_N, answer
+    return tokens_U, supervised_U, answer
 
 
-def last_run(mask_N: np.ndarray) -> tuple[int, int]:
-    """[start, end) of the last run of True in ``mask_N`` ((n, n) when there is none)."""
-    true_at = np.flatnonzero(mask_N)
+def last_run(mask_U: np.ndarray) -> tuple[int, int]:
+    """[start, end) of the last run of True in ``mask_U`` ((n, n) when there is none)."""
+    true_at = np.flatnonzero(mask_U)
     if not len(true_at):
-        return len(mask_N), len(mask_N)
+        return len(mask_U), len(mask_U)
     gaps = np.flatnonzero(np.diff(true_at) > 1)
     start = true_at[gaps[-1] + 1] if len(gaps) else true_at[0]
     return int(start), int(true_at[-1]) + 1
@@ -200,8 +204,8 @@ def encode_examples(examples: Sequence[Example], tokenizer, config: DataConfig,
     template = chat.resolve_template(tokenizer, config.chat_template) if config.format == "chat" else None
     tokens, supervised, answers = [], [], []
     for example in examples:
-        tokens_N, supervised_N, answer = encode_example(example, tokenizer, config, template, max_len)
-        tokens.append(tokens_N)
-        supervised.append(supervised_N)
+        tokens_U, supervised_U, answer = encode_example(example, tokenizer, config, template, max_len)
+        tokens.append(tokens_U)
+        supervised.append(supervised_U)
         answers.append(answer)
     return EncodedExamples(tokens, supervised, [e.id for e in examples], answers)

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from gf_jax.batch import Batch
@@ -30,15 +31,13 @@ from gf_jax.data.sources import Document
 def default_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     """(process index, process count), defaulting to ``jax.process_index()`` / ``jax.process_count()``."""
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return int(process_index), int(process_count)
 
 
 def token_arrays(tokens) -> tuple[Sequence[np.ndarray], np.ndarray]:
-    """(token arrays, lengths_N): a store's memory-mapped view is kept as it is (rows read only the
+    """(token arrays, lengths_U): a store's memory-mapped view is kept as it is (rows read only the
     documents they hold; its lengths stay int32); anything else becomes a list of int32 arrays."""
     if hasattr(tokens, "lengths"):
         return tokens, np.asarray(tokens.lengths)
@@ -135,9 +134,9 @@ class BatchIterator:
 
     def _layout(self, epoch: int) -> RowLayout:
         order = self._order(len(self.tokens), epoch, 1)
-        sums_N1 = self._cached("layout", lambda: layout_sums(self.lengths, order, self.seq_len, self.mode),
+        sums_U1 = self._cached("layout", lambda: layout_sums(self.lengths, order, self.seq_len, self.mode),
                                epoch=epoch, algorithm=self.shuffle_algorithm)
-        return RowLayout(self.lengths, order, self.seq_len, self.mode, sums_N1)
+        return RowLayout(self.lengths, order, self.seq_len, self.mode, sums_U1)
 
     def _epoch(self, epoch: int) -> tuple[RowLayout, Any]:
         """(layout, row order) of ``epoch``; the two latest are cached."""

@@ -29,14 +29,14 @@ def index_dtype(max_value: int):
 def prefix_sums(chunks, n: int, total: int) -> np.ndarray:
     """``[0, cumsum(concatenate(chunks))]`` (n + 1 entries, the last ``total``), built chunk by
     chunk in the smallest dtype that holds ``total``: no int64 temporary of the whole length."""
-    out_N1 = np.zeros(n + 1, index_dtype(total))
+    out_U1 = np.zeros(n + 1, index_dtype(total))
     at, carry = 1, 0
     for values in chunks:
         sums = np.cumsum(values, dtype=np.int64) + carry
-        out_N1[at:at + len(sums)] = sums
+        out_U1[at:at + len(sums)] = sums
         at += len(sums)
         carry = int(sums[-1]) if len(sums) else carry
-    return out_N1
+    return out_U1
 
 
 def layout_sums(lengths: np.ndarray, order, seq_len: int, mode: str) -> np.ndarray:
@@ -55,21 +55,21 @@ class RowLayout:
     ``packed``: the documents form one stream; ``document``: each document is cut on its own.
     ``order`` is anything indexable like an int array (an array, or a lazy
     ``gf_jax.data.shuffle`` order); the layout keeps one prefix-sum array (int32 where it fits),
-    4-8 bytes per document (``sums_N1``: ``layout_sums``, computed unless given, e.g. memory-mapped
+    4-8 bytes per document (``sums_U1``: ``layout_sums``, computed unless given, e.g. memory-mapped
     from the store's index files), and reads the order only where a row needs it.
     """
 
-    def __init__(self, lengths: np.ndarray, order, seq_len: int, mode: str, sums_N1: np.ndarray | None = None):
+    def __init__(self, lengths: np.ndarray, order, seq_len: int, mode: str, sums_U1: np.ndarray | None = None):
         self.lengths, self.order, self.T, self.mode = lengths, order, seq_len, mode
-        if sums_N1 is None:
-            sums_N1 = layout_sums(lengths, order, seq_len, mode)
+        if sums_U1 is None:
+            sums_U1 = layout_sums(lengths, order, seq_len, mode)
         if mode == "packed":
-            self.starts = sums_N1  # stream offset of each document in this order, the total at the end
-            self.num_tokens = int(sums_N1[-1])
+            self.starts = sums_U1  # stream offset of each document in this order, the total at the end
+            self.num_tokens = int(sums_U1[-1])
             self.num_rows = max(1, -(-(self.num_tokens - 1) // seq_len))
         else:
-            self.row_starts = sums_N1  # first row of each document
-            self.num_rows = int(sums_N1[-1])
+            self.row_starts = sums_U1  # first row of each document
+            self.num_rows = int(sums_U1[-1])
 
     @property
     def has_targets(self) -> bool:
@@ -81,27 +81,27 @@ class RowLayout:
         """Pieces of row r: (document index, first token, end token) in document coordinates."""
         return self.rows([r])[0]
 
-    def rows(self, r_R) -> list[list[Piece]]:
-        """Pieces of each row in ``r_R``, looking the order up once for all of them."""
-        r_R = np.asarray(r_R, np.int64)
+    def rows(self, r_J) -> list[list[Piece]]:
+        """Pieces of each row in ``r_J``, looking the order up once for all of them."""
+        r_J = np.asarray(r_J, np.int64)
         T = self.T
         # The needles take the prefix sums' dtype: searchsorted would otherwise cast the whole array.
         if self.mode == "document":
-            k_R = np.searchsorted(self.row_starts, r_R.astype(self.row_starts.dtype), "right") - 1
-            piece_R = r_R - self.row_starts[k_R]
-            doc_R = np.asarray(self.order[k_R], np.int64)
+            k_J = np.searchsorted(self.row_starts, r_J.astype(self.row_starts.dtype), "right") - 1
+            piece_J = r_J - self.row_starts[k_J]
+            doc_J = np.asarray(self.order[k_J], np.int64)
             return [[(d, c * T, min(c * T + T + 1, n))]
-                    for d, c, n in zip(doc_R.tolist(), piece_R.tolist(), self.lengths[doc_R].tolist())]
+                    for d, c, n in zip(doc_J.tolist(), piece_J.tolist(), self.lengths[doc_J].tolist())]
         total = self.num_tokens
-        a_R = r_R * T
-        b_R = np.minimum(a_R + T + 1, total)
-        k0_R = np.searchsorted(self.starts, a_R.astype(self.starts.dtype), "right") - 1
-        k1_R = np.searchsorted(self.starts, (b_R - 1).astype(self.starts.dtype), "right") - 1
-        k_P = np.concatenate([np.arange(k0, k1 + 1) for k0, k1 in zip(k0_R.tolist(), k1_R.tolist())] or [[]])
-        k_P = k_P.astype(np.int64)
-        doc_of = dict(zip(k_P.tolist(), np.asarray(self.order[k_P], np.int64).tolist()))
+        a_J = r_J * T
+        b_J = np.minimum(a_J + T + 1, total)
+        k0_J = np.searchsorted(self.starts, a_J.astype(self.starts.dtype), "right") - 1
+        k1_J = np.searchsorted(self.starts, (b_J - 1).astype(self.starts.dtype), "right") - 1
+        k_Z = np.concatenate([np.arange(k0, k1 + 1) for k0, k1 in zip(k0_J.tolist(), k1_J.tolist())] or [[]])
+        k_Z = k_Z.astype(np.int64)
+        doc_of = dict(zip(k_Z.tolist(), np.asarray(self.order[k_Z], np.int64).tolist()))
         out = []
-        for a, b, k0, k1 in zip(a_R.tolist(), b_R.tolist(), k0_R.tolist(), k1_R.tolist()):
+        for a, b, k0, k1 in zip(a_J.tolist(), b_J.tolist(), k0_J.tolist(), k1_J.tolist()):
             pieces = []
             for k in range(k0, k1 + 1):
                 s, e = int(self.starts[k]), int(self.starts[k + 1])

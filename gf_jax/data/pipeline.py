@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
+
 from gf_jax.batch import Batch
+from gf_jax.data import prepare, stored
 from gf_jax.data.canaries import document_stream
 from gf_jax.data.config import DataConfig
 from gf_jax.data.iterator import BatchIterator, default_process
@@ -14,7 +17,8 @@ from gf_jax.data.tokens import tokenize_documents
 def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len: int, split: str = "train",
                         process_index: int | None = None, process_count: int | None = None, prefetch: int = 2,
                         with_doc_ids: bool = False) -> BatchIterator:
-    """Training (or validation) batches of this process, from its share of the document stream.
+    """Training (or validation) batches of this process, from its share of the document stream
+    (documents: ``data.format=text``; examples: ``gf_jax.data.example_batches``).
 
     The process reads and tokenizes only its contiguous share of the stream (canaries included),
     then keeps the documents of ``split``. The iterator's ``documents`` are that local
@@ -25,12 +29,6 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
         raise ValueError(f"split={split!r} must be 'train' or 'validation'.")
     if split == "validation" and config.validation_fraction <= 0:
         raise ValueError("split='validation' needs data.validation_fraction > 0.")
-    if config.format != "text":  # instruction/chat examples: whole examples per row, answers supervised
-        from gf_jax.data.example_batches import make_example_iterator
-
-        return make_example_iterator(config, tokenizer, global_batch=global_batch, seq_len=seq_len, split=split,
-                                     process_index=process_index, process_count=process_count,
-                                     prefetch=prefetch, with_doc_ids=with_doc_ids)
     pi, pc = default_process(process_index, process_count)
     if config.store == "auto":
         return _store_iterator(config, tokenizer, global_batch=global_batch, seq_len=seq_len, split=split,
@@ -53,8 +51,6 @@ def _store_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len
                     process_index: int, process_count: int, prefetch: int, with_doc_ids: bool) -> BatchIterator:
     """``make_train_iterator`` on the tokenized store: the same documents in the same order (so the
     same batches), memory-mapped instead of read and tokenized."""
-    from gf_jax.data import prepare, stored
-
     store = prepare.ensure_store(config, tokenizer)
     tokens = stored.process_tokens(config, tokenizer, store, split, process_index, process_count)
     if not len(tokens):
@@ -72,8 +68,6 @@ def validation_tokens(config: DataConfig, tokenizer):
     """Token arrays of every validation document, in order (what ``eval_batches`` takes): read and
     tokenized, or memory-mapped from the tokenized store with ``data.store=auto``."""
     if config.store == "auto":
-        from gf_jax.data import prepare, stored
-
         return stored.split_tokens(config, tokenizer, prepare.ensure_store(config, tokenizer), "validation")
     return tokenize_documents(load_documents(config, "validation"), tokenizer, config.add_bos, config.add_eos)
 
@@ -81,7 +75,5 @@ def validation_tokens(config: DataConfig, tokenizer):
 def to_global_batch(local_batch: Batch, sharding) -> Batch:
     """The global ``Batch`` of ``jax.Array``s from each process's local rows (batch dim split over
     processes by ``sharding``). Document ids stay on the host: the result has none."""
-    import jax
-
     # None fields (no row context, no document ids) are empty subtrees: tree.map keeps them None.
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local_batch.for_device())

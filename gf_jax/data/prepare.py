@@ -24,11 +24,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from gf_jax import rundir
 from gf_jax.data.config import DataConfig
+from gf_jax.data.iterator import default_process
 from gf_jax.data.sources import duplicate_id_error, iter_background, source_size
 from gf_jax.data.store import MANIFEST, TokenStore, check_settings, read_manifest, store_path, store_settings
+from gf_jax.util import paths
 
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: few files, each well under object-store limits
 BATCH_CHARS = 1 << 20  # text per worker task: large enough to amortise pickling, small for a steady ETA
@@ -47,8 +49,6 @@ def ensure_store(config: DataConfig, tokenizer, *, workers: int | None = None, p
     path = store_path(config, settings)
     manifest = read_manifest(path)
     if manifest is None:
-        from gf_jax.data.iterator import default_process
-
         process_index, process_count = default_process(process_index, process_count)
         if process_index == 0:
             prepare_store(config, tokenizer, path=path, workers=workers, progress=progress, settings=settings)
@@ -110,7 +110,7 @@ def prepare_store(config: DataConfig, tokenizer, *, path: str | None = None, wor
         check_settings(path, manifest, settings)
         return path
     workers = workers or default_workers(config)
-    remote = rundir.is_url(path)  # built in a local folder first, then uploaded
+    remote = paths.is_url(path)  # built in a local folder first, then uploaded
     local_parent = os.path.join(".cache", "stores") if remote else os.path.dirname(os.path.abspath(path))
     os.makedirs(local_parent, exist_ok=True)
     base = os.path.basename(str(path).rstrip("/"))
@@ -156,10 +156,10 @@ def _write_manifest(folder: str, manifest: dict) -> None:
 
 def _publish(tmp: str, path: str) -> None:
     """Makes the finished folder the store: a rename locally; file by file, manifest last, to a URL."""
-    if rundir.is_url(path):
-        rundir.makedirs(path)
+    if paths.is_url(path):
+        paths.makedirs(path)
         for name in sorted(os.listdir(tmp), key=lambda n: n == MANIFEST):
-            _copy_stream_up(os.path.join(tmp, name), rundir.join(path, name))
+            _copy_stream_up(os.path.join(tmp, name), paths.join(path, name))
         return
     if os.path.isdir(path) and read_manifest(path) is None:
         shutil.rmtree(path)  # an unfinished store from an older, non-atomic copy: start over
@@ -171,6 +171,7 @@ def _publish(tmp: str, path: str) -> None:
 
 
 def _copy_stream_up(src: str, dst: str) -> None:
+    # URLs only
     from etils import epath
 
     with open(src, "rb") as fin, epath.Path(dst).open("wb") as fout:
@@ -188,13 +189,13 @@ def _init_worker(tokenizer, add_bos: bool, add_eos: bool, dtype: str) -> None:
 
 
 def _encode(texts: list[str], ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(flat tokens, lengths_N, split hashes_N) of one batch of documents."""
+    """(flat tokens, lengths_U, split hashes_U) of one batch of documents."""
     w = _WORKER
     arrays = w["tokenizer"].encode_arrays(texts, add_bos=w["add_bos"], add_eos=w["add_eos"])
     flat = np.concatenate(arrays).astype(w["dtype"]) if arrays else np.zeros(0, w["dtype"])
-    lengths_N = np.array([len(a) for a in arrays], np.int64)
-    hashes_N = np.array([int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "little") for i in ids], np.uint64)
-    return flat, lengths_N, hashes_N
+    lengths_U = np.array([len(a) for a in arrays], np.int64)
+    hashes_U = np.array([int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "little") for i in ids], np.uint64)
+    return flat, lengths_U, hashes_U
 
 
 def _batches(config: DataConfig) -> Iterator[tuple[list[str], list[str], int]]:
@@ -264,23 +265,23 @@ class _Writer:
                             "first_document": self.documents, "documents": 0})
         self.shard_file = open(os.path.join(self.folder, name), "wb")
 
-    def add(self, flat: np.ndarray, lengths_N: np.ndarray, hashes_N: np.ndarray, ids: list[str]) -> None:
+    def add(self, flat: np.ndarray, lengths_U: np.ndarray, hashes_U: np.ndarray, ids: list[str]) -> None:
         # A batch goes whole into one shard (documents never straddle shards); shards end near
         # shard_tokens, off by at most one batch.
         if self.shard_file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
             self._new_shard()
         self.shard_file.write(flat.tobytes())
         self.shards[-1]["tokens"] += len(flat)
-        self.shards[-1]["documents"] += len(lengths_N)
-        self.files["offsets.bin"].write((self.tokens + np.cumsum(lengths_N)).astype(np.int64).tobytes())
-        self.files["split_hashes.bin"].write(hashes_N.astype(np.uint64).tobytes())
+        self.shards[-1]["documents"] += len(lengths_U)
+        self.files["offsets.bin"].write((self.tokens + np.cumsum(lengths_U)).astype(np.int64).tobytes())
+        self.files["split_hashes.bin"].write(hashes_U.astype(np.uint64).tobytes())
         encoded = [i.encode("utf-8") for i in ids]
         self.files["ids.bin"].write(b"".join(encoded))
         id_lens = np.array([len(e) for e in encoded], np.int64)
         self.files["id_offsets.bin"].write((self.id_bytes + np.cumsum(id_lens)).tobytes())
         self.tokens += len(flat)
         self.id_bytes += int(id_lens.sum())
-        self.documents += len(lengths_N)
+        self.documents += len(lengths_U)
 
     def close(self) -> None:
         for fh in [*self.files.values(), self.shard_file]:
@@ -294,8 +295,8 @@ def _write(config: DataConfig, tokenizer, folder: str, workers: int, progress: b
     bar = _progress_bar(config, workers) if progress else None
     writer = _Writer(folder, dtype, shard_tokens)
     try:
-        for (flat, lengths_N, hashes_N), ids, at in _encoded(config, tokenizer, workers, dtype):
-            writer.add(flat, lengths_N, hashes_N, ids)
+        for (flat, lengths_U, hashes_U), ids, at in _encoded(config, tokenizer, workers, dtype):
+            writer.add(flat, lengths_U, hashes_U, ids)
             if bar is not None:
                 bar.update(at - bar.n)
                 bar.set_postfix(documents=f"{writer.documents:,}", tokens=f"{writer.tokens:,}", refresh=False)
@@ -312,8 +313,6 @@ def _write(config: DataConfig, tokenizer, folder: str, workers: int, progress: b
 
 
 def _progress_bar(config: DataConfig, workers: int):
-    from tqdm import tqdm
-
     unit = "doc" if config.source == "tfds" else "B"
     return tqdm(total=source_size(config), unit=unit, unit_scale=True, file=sys.stderr,
                 desc=f"preparing tokenized store ({workers} worker{'s' if workers > 1 else ''})")
@@ -321,15 +320,15 @@ def _progress_bar(config: DataConfig, workers: int):
 
 def _check_unique_ids(folder: str, n: int, config: DataConfig) -> None:
     """Refuses duplicate ids (split and canary records key on them), comparing 8-byte hashes first."""
-    hashes_N = np.fromfile(os.path.join(folder, "split_hashes.bin"), np.uint64)
-    order_N = np.argsort(hashes_N, kind="stable")
-    same_N = np.flatnonzero(hashes_N[order_N][1:] == hashes_N[order_N][:-1])
-    if not len(same_N):
+    hashes_U = np.fromfile(os.path.join(folder, "split_hashes.bin"), np.uint64)
+    order_U = np.argsort(hashes_U, kind="stable")
+    same_U = np.flatnonzero(hashes_U[order_U][1:] == hashes_U[order_U][:-1])
+    if not len(same_U):
         return
     id_offsets = np.fromfile(os.path.join(folder, "id_offsets.bin"), np.int64)
     blob = np.memmap(os.path.join(folder, "ids.bin"), np.uint8, mode="r")
-    for k in same_N:
-        a, b = int(order_N[k]), int(order_N[k + 1])
+    for k in same_U:
+        a, b = int(order_U[k]), int(order_U[k + 1])
         id_a = bytes(blob[id_offsets[a]:id_offsets[a + 1]])
         if id_a == bytes(blob[id_offsets[b]:id_offsets[b + 1]]):
             raise duplicate_id_error(id_a.decode("utf-8"), config)

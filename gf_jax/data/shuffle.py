@@ -24,19 +24,19 @@ ROUNDS = 6  # 4 make a strong pseudo-random permutation with random round functi
 CHUNK = 1 << 16  # elements per vectorised step over an order or an index: temporaries stay in the cache
 
 
-def _mix(x_N: np.ndarray) -> np.ndarray:
+def _mix(x_U: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, in place: every output bit depends on every input bit (wrapping
     uint64 maths)."""
-    x_N ^= x_N >> np.uint64(30)
-    x_N *= np.uint64(0xBF58476D1CE4E5B9)
-    x_N ^= x_N >> np.uint64(27)
-    x_N *= np.uint64(0x94D049BB133111EB)
-    x_N ^= x_N >> np.uint64(31)
-    return x_N
+    x_U ^= x_U >> np.uint64(30)
+    x_U *= np.uint64(0xBF58476D1CE4E5B9)
+    x_U ^= x_U >> np.uint64(27)
+    x_U *= np.uint64(0x94D049BB133111EB)
+    x_U ^= x_U >> np.uint64(31)
+    return x_U
 
 
 class FeistelPermutation:
-    """A keyed bijection of ``[0, n)``, evaluated lazily: ``perm[i]``, ``perm[a:b]``, ``perm[index_N]``.
+    """A keyed bijection of ``[0, n)``, evaluated lazily: ``perm[i]``, ``perm[a:b]``, ``perm[index_U]``.
 
     The domain is ``2**bits`` with ``bits = bit_length(n - 1)``, so fewer than half of its values
     fall outside [0, n): the cycle-walk takes under two encryptions on average. The halves are
@@ -56,32 +56,32 @@ class FeistelPermutation:
     def __len__(self) -> int:
         return self.n
 
-    def _encrypt(self, x_N: np.ndarray) -> np.ndarray:
+    def _encrypt(self, x_U: np.ndarray) -> np.ndarray:
         """One pass of the network over the 2**bits domain (uint64 in, uint64 out)."""
         wl, wr = self.left_bits, self.right_bits
-        left_N, right_N = x_N >> np.uint64(wr), x_N & np.uint64((1 << wr) - 1)
+        left_U, right_U = x_U >> np.uint64(wr), x_U & np.uint64((1 << wr) - 1)
         for key in self.keys:
             # (L, R) -> (R, L ^ F(R)): invertible whatever F is, so each round is a bijection.
-            f_N = _mix(right_N ^ key)
-            f_N &= np.uint64((1 << wl) - 1)
-            f_N ^= left_N
-            left_N, right_N = right_N, f_N
+            f_U = _mix(right_U ^ key)
+            f_U &= np.uint64((1 << wl) - 1)
+            f_U ^= left_U
+            left_U, right_U = right_U, f_U
             wl, wr = wr, wl
-        left_N <<= np.uint64(wr)
-        left_N |= right_N
-        return left_N
+        left_U <<= np.uint64(wr)
+        left_U |= right_U
+        return left_U
 
-    def __call__(self, index_N) -> np.ndarray:
-        """The images of ``index_N`` (int64, same shape); every index must be in [0, n)."""
-        index_N = np.asarray(index_N, np.int64)
-        if index_N.size and (index_N.min() < 0 or index_N.max() >= self.n):
+    def __call__(self, index_U) -> np.ndarray:
+        """The images of ``index_U`` (int64, same shape); every index must be in [0, n)."""
+        index_U = np.asarray(index_U, np.int64)
+        if index_U.size and (index_U.min() < 0 or index_U.max() >= self.n):
             raise IndexError(f"index out of range [0, {self.n}).")
-        out_N = self._encrypt(index_N.astype(np.uint64).ravel())
-        walk_N = np.flatnonzero(out_N >= self.n)
-        while len(walk_N):  # cycle-walking: re-encrypt until inside [0, n) (a bijection of [0, n))
-            out_N[walk_N] = self._encrypt(out_N[walk_N])
-            walk_N = walk_N[out_N[walk_N] >= self.n]
-        return out_N.astype(np.int64).reshape(index_N.shape)
+        out_U = self._encrypt(index_U.astype(np.uint64).ravel())
+        walk_U = np.flatnonzero(out_U >= self.n)
+        while len(walk_U):  # cycle-walking: re-encrypt until inside [0, n) (a bijection of [0, n))
+            out_U[walk_U] = self._encrypt(out_U[walk_U])
+            walk_U = walk_U[out_U[walk_U] >= self.n]
+        return out_U.astype(np.int64).reshape(index_U.shape)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -130,7 +130,7 @@ def resolve_algorithm(configured: str, saved: str | None) -> str:
                      "directory for the other order.")
 
 
-def gather_chunks(order, values_N: np.ndarray, chunk: int = CHUNK):
-    """``values_N[order[a:b]]`` for consecutive chunks of the order (bounded temporaries)."""
+def gather_chunks(order, values_U: np.ndarray, chunk: int = CHUNK):
+    """``values_U[order[a:b]]`` for consecutive chunks of the order (bounded temporaries)."""
     for a in range(0, len(order), chunk):
-        yield values_N[order[a:min(a + chunk, len(order))]]
+        yield values_U[order[a:min(a + chunk, len(order))]]

@@ -18,9 +18,10 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from gf_jax.data.config import DataConfig
-from gf_jax.textcheck import check_text_file
+from gf_jax.util.textcheck import check_text_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _split(text: str, rule: str) -> list[str]:
     return split_wikitext(text)
 
 
-def _files(path: str, suffix: str | tuple[str, ...], what: str) -> tuple[list[str], str]:
+def list_files(path: str, suffix: str | tuple[str, ...], what: str) -> tuple[list[str], str]:
     """Files of a source path (a file, or a folder searched recursively), and the id root."""
     if os.path.isfile(path):
         return [path], os.path.dirname(path)
@@ -79,7 +80,7 @@ def _files(path: str, suffix: str | tuple[str, ...], what: str) -> tuple[list[st
 def iter_text_documents(path: str, split_rule: str, what: str = "data.path") -> Iterator[tuple[Document, int]]:
     """(document, source bytes read so far) of a text file or folder of ``.txt`` files, ids
     ``relpath`` or ``relpath#k``, one file in memory at a time."""
-    files, root = _files(path, ".txt", "text")
+    files, root = list_files(path, ".txt", "text")
     done = 0
     for f in files:
         check_text_file(f, what=what)  # a binary file is refused, naming the setting (``what``)
@@ -121,6 +122,7 @@ def _open_jsonl(f: str):
             raw.close()
             raise ValueError(f"{f!r} is zstandard-compressed but the zstandard package is not installed; "
                              "install it or decompress the file (gzip works without extra packages).")
+        # optional: .jsonl.zst sources only
         import zstandard
 
         return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8"), raw
@@ -131,7 +133,7 @@ def iter_jsonl_documents(path: str, text_field: str, id_field: str | None,
                          what: str = "data.path") -> Iterator[tuple[Document, int]]:
     """(document, source bytes read so far) of a JSONL file or folder (``.jsonl``, ``.jsonl.gz``,
     ``.jsonl.zst``); ids from ``id_field`` or ``relpath:line``."""
-    files, root = _files(path, JSONL_SUFFIXES, "JSONL")
+    files, root = list_files(path, JSONL_SUFFIXES, "JSONL")
     done = 0
     for f in files:
         if f.endswith(".jsonl"):  # compressed files are checked line by line as JSON instead
@@ -183,9 +185,10 @@ def iter_parquet_documents(path: str, text_field: str, id_field: str | None,
                            batch_rows: int = 4096) -> Iterator[tuple[Document, int]]:
     """(document, source bytes read so far, by row share) of a Parquet file or folder, reading a
     batch of rows at a time; ids from ``id_field`` or ``relpath#row``. Empty texts are skipped."""
+    # heavy: Parquet sources only
     import pyarrow.parquet as pq
 
-    files, root = _files(path, ".parquet", "Parquet")
+    files, root = list_files(path, ".parquet", "Parquet")
     done = 0
     for f in files:
         rel = os.path.relpath(f, root) if root else os.path.basename(f)
@@ -225,6 +228,7 @@ class TfdsDocuments(Sequence):
 
     def __init__(self, name: str, split: str, data_dir: str | None, text_feature: str,
                  id_field: str | None = None, max_documents: int | None = None):
+        # heavy: TFDS sources only
         import tensorflow_datasets as tfds
 
         try:
@@ -282,13 +286,11 @@ def read_background(config: DataConfig) -> Sequence[Document]:
     if config.source == "tfds":
         return TfdsDocuments(config.tfds_name, config.tfds_split, config.tfds_data_dir, config.tfds_text_feature,
                              config.id_field, config.max_documents)
-    if config.format != "text":  # instruction/chat examples: an Example has a Document's id and text
-        from gf_jax.data.examples import read_examples
+    return check_records([d for d, _ in iter_background(config)], config)
 
-        docs = read_examples(config)
-        docs = docs[: config.max_documents] if config.max_documents else docs
-    else:
-        docs = [d for d, _ in iter_background(config)]
+
+def check_records(docs: list, config: DataConfig) -> list:
+    """``docs`` (documents or examples), once they are known to be there and to have unique ids."""
     if not docs:
         raise ValueError(f"no documents found in {config.path!r} (source {config.source}, split rule "
                          f"{config.split_rule}); check data.path and data.split_rule.")
@@ -332,7 +334,7 @@ def source_files(config: DataConfig) -> list[tuple[str, int]]:
     if config.source == "tfds":
         return []
     suffix = {"jsonl": JSONL_SUFFIXES, "parquet": ".parquet"}.get(config.source, ".txt")
-    files, root = _files(config.path, suffix, config.source)
+    files, root = list_files(config.path, suffix, config.source)
     return [(os.path.relpath(f, root) if root else os.path.basename(f), os.path.getsize(f)) for f in files]
 
 
@@ -348,8 +350,6 @@ def read_in_chunks(docs: Sequence[Document], indices: Sequence[int], size: int =
     progress bar on large reads."""
     bar = None
     if len(indices) > 5 * size:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(indices), desc="reading documents", unit="doc", file=sys.stderr)
     for start in range(0, len(indices), size):
         part = indices[start:start + size]

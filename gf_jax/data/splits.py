@@ -7,6 +7,7 @@ so every run, seed and host agrees on them without talking to each other.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from gf_jax.data.canaries import CANARY_PREFIX, load_canaries
 from gf_jax.data.config import DataConfig, check_choice
@@ -34,20 +35,25 @@ def load_documents(config: DataConfig, split: str = "all") -> list[Document]:
     ``split``: ``train`` (what the model trains on: background train split + injected canaries),
     ``validation`` (held out by ``validation_fraction``) or ``all``. Reads the whole source.
     """
+    docs = read_background(config)
+    extra = load_canaries(config)[0] if config.canary_repeats else []
+    return select_split(docs, config, split, extra)
+
+
+def select_split(records: Sequence, config: DataConfig, split: str, extra: Sequence = ()) -> list:
+    """The records (documents or examples, read in chunks) and ``extra`` ones of ``split``."""
     check_choice("split", split, ("train", "validation", "all"))
-    background = read_background(config)
-    docs = [d for chunk in read_in_chunks(background, range(len(background))) for d in chunk]
-    if config.canary_repeats:
-        docs += load_canaries(config)[0]
+    docs = [d for chunk in read_in_chunks(records, range(len(records))) for d in chunk] + list(extra)
     if split != "all":
         docs = [d for d in docs if split_of(d.id, config.validation_fraction) == split]
     return docs
 
 
-def train_texts(config: DataConfig, *, max_chars: int = 50_000_000) -> list[str]:
-    """Texts of the source's train split, in order, until ``max_chars`` characters (whole chunks of
-    documents): a tokenizer's training text. Canaries are not part of it."""
-    background = read_background(config)
+def train_texts(config: DataConfig, *, max_chars: int = 50_000_000, records: Sequence | None = None) -> list[str]:
+    """Texts of the train split of ``records`` (default: the source's documents), in order, until
+    ``max_chars`` characters (whole chunks of documents): a tokenizer's training text. Canaries are
+    not part of it."""
+    background = read_background(config) if records is None else records
     texts, n_chars = [], 0
     for chunk in read_in_chunks(background, range(len(background))):
         for d in chunk:

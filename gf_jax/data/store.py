@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from gf_jax import rundir
 from gf_jax.data.config import DataConfig
 from gf_jax.data.index_cache import IndexCache
 from gf_jax.data.shuffle import CHUNK
 from gf_jax.data.sources import Document, source_files
+from gf_jax.util import paths
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -53,7 +53,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if not path:
         raise ValueError("the tokenized store needs a tokenizer loaded from a file (its bytes are the store's "
                          "key); set data.tokenizer to that file or set data.store=off.")
-    return hashlib.sha256(rundir.read_bytes(path)).hexdigest()[:20]
+    return hashlib.sha256(paths.read_bytes(path)).hexdigest()[:20]
 
 
 def source_settings(config: DataConfig) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def source_settings(config: DataConfig) -> dict[str, Any]:
               "tfds": ("tfds_name", "tfds_split", "tfds_data_dir", "tfds_text_feature", "id_field")}[config.source]
     out = {"source": config.source, **{f: getattr(config, f) for f in fields}, "max_documents": config.max_documents}
     if "path" in out:
-        out["path"] = rundir.absolute(out["path"])
+        out["path"] = paths.absolute(out["path"])
     out["files"] = [list(f) for f in source_files(config)]  # a changed corpus changes the store
     return out
 
@@ -124,8 +124,8 @@ def check_settings(path: str, manifest: dict, wanted: dict) -> None:
 
 def read_manifest(path: str) -> dict | None:
     """The manifest of a complete store at ``path``; None if there is none (or it is unfinished)."""
-    manifest = rundir.join(path, MANIFEST)
-    return json.loads(rundir.read_text(manifest)) if rundir.exists(manifest) else None
+    manifest = paths.join(path, MANIFEST)
+    return json.loads(paths.read_text(manifest)) if paths.exists(manifest) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +134,7 @@ def read_manifest(path: str) -> dict | None:
 
 def _copy_stream(src: str, dst: str) -> None:
     """Copies a (remote) file to a local path in 16 MiB pieces, atomically."""
+    # URLs only
     from etils import epath
 
     tmp = f"{dst}.{os.getpid()}.tmp"
@@ -161,7 +162,7 @@ class TokenStore:
         key = hashlib.sha256(json.dumps([path, self.manifest], sort_keys=True).encode()).hexdigest()[:16]
         # What the index files are keyed by: a store prepared again (other corpus) has new ones.
         self.identity = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        self.local = path if not rundir.is_url(path) else os.path.join(
+        self.local = path if not paths.is_url(path) else os.path.join(
             cache_dir or os.path.join(".cache", "stores", "remote"), key)
         # The process index files of this store (``gf_jax.data.index_cache``), in its local folder.
         self.index_cache = IndexCache(os.path.join(self.local, "index"))
@@ -181,7 +182,7 @@ class TokenStore:
         os.makedirs(self.local, exist_ok=True)
         local = os.path.join(self.local, name)
         if not os.path.exists(local):
-            _copy_stream(rundir.join(self.path, name), local)
+            _copy_stream(paths.join(self.path, name), local)
         return local
 
     def _map(self, name: str, dtype) -> np.ndarray:
@@ -209,35 +210,35 @@ class TokenStore:
             fh.seek(first * dtype.itemsize)
             return np.fromfile(fh, dtype, count=stop - first)
 
-    def _gather(self, name: str, mapped: np.ndarray, docs_N: np.ndarray, extra: int = 0) -> tuple[np.ndarray, int]:
-        """(window, first): entries ``first .. max(docs_N) + extra`` of an index file, read in one
-        piece when ``docs_N`` is dense (a process's share is a contiguous run of documents)."""
-        first, last = int(docs_N.min()), int(docs_N.max()) + extra
-        if last - first > 4 * len(docs_N) + 4096:  # scattered: a window would read mostly unneeded entries
+    def _gather(self, name: str, mapped: np.ndarray, docs_U: np.ndarray, extra: int = 0) -> tuple[np.ndarray, int]:
+        """(window, first): entries ``first .. max(docs_U) + extra`` of an index file, read in one
+        piece when ``docs_U`` is dense (a process's share is a contiguous run of documents)."""
+        first, last = int(docs_U.min()), int(docs_U.max()) + extra
+        if last - first > 4 * len(docs_U) + 4096:  # scattered: a window would read mostly unneeded entries
             return mapped, 0
         return self._read(name, mapped.dtype, first, last + 1), first
 
-    def lengths(self, docs_N: np.ndarray) -> np.ndarray:
-        """Token counts of documents ``docs_N`` (int64)."""
-        docs_N = np.asarray(docs_N, np.int64)
-        if not len(docs_N):
+    def lengths(self, docs_U: np.ndarray) -> np.ndarray:
+        """Token counts of documents ``docs_U`` (int64)."""
+        docs_U = np.asarray(docs_U, np.int64)
+        if not len(docs_U):
             return np.zeros(0, np.int64)
-        offsets, first = self._gather("offsets.bin", self.offsets, docs_N, extra=1)
-        return (offsets[docs_N - first + 1] - offsets[docs_N - first]).astype(np.int64)
+        offsets, first = self._gather("offsets.bin", self.offsets, docs_U, extra=1)
+        return (offsets[docs_U - first + 1] - offsets[docs_U - first]).astype(np.int64)
 
     def doc_id(self, d: int) -> str:
         return bytes(self.ids[int(self.id_offsets[d]):int(self.id_offsets[d + 1])]).decode("utf-8")
 
-    def is_validation(self, docs_N: np.ndarray, validation_fraction: float) -> np.ndarray:
-        """``split_of(id) == "validation"`` for documents ``docs_N``, from the stored id hashes."""
+    def is_validation(self, docs_U: np.ndarray, validation_fraction: float) -> np.ndarray:
+        """``split_of(id) == "validation"`` for documents ``docs_U``, from the stored id hashes."""
         if validation_fraction <= 0:
-            return np.zeros(len(docs_N), bool)
-        docs_N = np.asarray(docs_N, np.int64)
-        if not len(docs_N):
+            return np.zeros(len(docs_U), bool)
+        docs_U = np.asarray(docs_U, np.int64)
+        if not len(docs_U):
             return np.zeros(0, bool)
-        hashes, first = self._gather("split_hashes.bin", self.split_hashes, docs_N)
+        hashes, first = self._gather("split_hashes.bin", self.split_hashes, docs_U)
         # Same arithmetic as split_of: the 64-bit integer rounded to float64, over 2**64.
-        return hashes[docs_N - first].astype(np.float64) / 2.0**64 < validation_fraction
+        return hashes[docs_U - first].astype(np.float64) / 2.0**64 < validation_fraction
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,19 +247,19 @@ class TokenStore:
 
 @dataclasses.dataclass
 class StoreTokens(Sequence):
-    """Token arrays of a list of references: ``refs_N[i] >= 0`` is store document j, ``-(c+1)`` is
+    """Token arrays of a list of references: ``refs_U[i] >= 0`` is store document j, ``-(c+1)`` is
     ``canaries[c]``. What ``BatchIterator`` and ``eval_batches`` read rows from: a row copies only
     the tokens it holds, and canary copies are indices, not copies of the corpus.
 
     Attributes: ``lengths`` (int32 per entry, ``reference_lengths``), ``documents`` (lazy
-    ``Document``s, texts decoded from the tokens with ``tokenizer`` when given). ``refs_N``
+    ``Document``s, texts decoded from the tokens with ``tokenizer`` when given). ``refs_U``
     keeps its integer dtype (int32 from ``gf_jax.data.stored``). With
     ``index_cache``, ``BatchIterator`` saves and maps its per-epoch arrays there, under
-    ``cache_key`` (what decides ``refs_N``) plus its own settings.
+    ``cache_key`` (what decides ``refs_U``) plus its own settings.
     """
 
     store: TokenStore
-    refs_N: np.ndarray
+    refs_U: np.ndarray
     lengths: np.ndarray
     canary_tokens: Sequence[np.ndarray] = ()
     canary_documents: Sequence[Document] = ()
@@ -267,25 +268,25 @@ class StoreTokens(Sequence):
     cache_key: dict | None = None
 
     def __post_init__(self):
-        self.refs_N = np.asarray(self.refs_N)
-        if self.refs_N.dtype.kind != "i":
-            self.refs_N = self.refs_N.astype(np.int64)
+        self.refs_U = np.asarray(self.refs_U)
+        if self.refs_U.dtype.kind != "i":
+            self.refs_U = self.refs_U.astype(np.int64)
         self.documents = StoreDocuments(self)
 
     def __len__(self) -> int:
-        return len(self.refs_N)
+        return len(self.refs_U)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        ref = int(self.refs_N[i])
+        ref = int(self.refs_U[i])
         return self.store.tokens(ref) if ref >= 0 else self.canary_tokens[-1 - ref]
 
 
-def reference_lengths(store: TokenStore, refs_N: np.ndarray, canary_tokens: Sequence[np.ndarray]) -> np.ndarray:
-    """int32 token counts of the references ``refs_N`` (see ``StoreTokens``), a chunk at a time."""
+def reference_lengths(store: TokenStore, refs_U: np.ndarray, canary_tokens: Sequence[np.ndarray]) -> np.ndarray:
+    """int32 token counts of the references ``refs_U`` (see ``StoreTokens``), a chunk at a time."""
     canary_len = np.array([len(t) for t in canary_tokens] or [0], np.int64)
-    lengths_N = np.empty(len(refs_N), np.int32)
-    for a in range(0, len(refs_N), CHUNK):  # bounded int64 temporaries
-        refs = np.asarray(refs_N[a:a + CHUNK], np.int64)
+    lengths_U = np.empty(len(refs_U), np.int32)
+    for a in range(0, len(refs_U), CHUNK):  # bounded int64 temporaries
+        refs = np.asarray(refs_U[a:a + CHUNK], np.int64)
         is_store = refs >= 0
         lengths = np.empty(len(refs), np.int64)
         lengths[is_store] = store.lengths(refs[is_store])
@@ -293,8 +294,8 @@ def reference_lengths(store: TokenStore, refs_N: np.ndarray, canary_tokens: Sequ
         if len(lengths) and lengths.max() >= 2**31:
             raise ValueError(f"a document of {store.path} has {int(lengths.max())} tokens, more than "
                              "2**31 - 1; split such documents into smaller ones in the source.")
-        lengths_N[a:a + len(refs)] = lengths
-    return lengths_N
+        lengths_U[a:a + len(refs)] = lengths
+    return lengths_U
 
 
 class StoreDocuments(Sequence):
@@ -308,7 +309,7 @@ class StoreDocuments(Sequence):
         return len(self._tokens)
 
     def __getitem__(self, i: int) -> Document:
-        ref = int(self._tokens.refs_N[i])
+        ref = int(self._tokens.refs_U[i])
         if ref < 0:
             return self._tokens.canary_documents[-1 - ref]
         text = ""

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from gf_jax.data.sources import Document
 
@@ -16,8 +17,6 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, add_bos: bool = True
     out: list[np.ndarray] = []
     bar = None
     if len(docs) > 20 * chunk:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", file=sys.stderr)
     for start in range(0, len(docs), chunk):
         texts = [d.text for d in docs[start:start + chunk]]

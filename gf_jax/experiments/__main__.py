@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-EXPERIMENTS = ("memorization", "canary")
+from gf_jax.experiments import canary, memorization
+
+EXPERIMENTS = {"memorization": memorization.main, "canary": canary.main}
 USAGE = (f"usage: python -m gf_jax.experiments {{{','.join(EXPERIMENTS)}}} [--help] [flags]\n"
          "  memorization  train on a few documents for many epochs, then try to extract them\n"
          "  canary        canaries repeated inside a larger corpus, then try to extract them")
@@ -19,12 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in EXPERIMENTS:
         print(f"error: no experiment {name!r}; use one of {', '.join(EXPERIMENTS)}.\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    command = f"python -m gf_jax.experiments {name}"
-    if name == "memorization":
-        from gf_jax.experiments.memorization import main as run_experiment
-    else:
-        from gf_jax.experiments.canary import main as run_experiment
-    run_experiment(rest, command=command)
+    EXPERIMENTS[name](rest, command=f"python -m gf_jax.experiments {name}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+from gf_jax.config import apply_overrides, config_from_dict, from_dict, read_yaml_mapping, replace_sections
 from gf_jax.goldfish import GoldfishConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +52,6 @@ def load_experiment(path: str, overrides: Sequence[str], experiment_cls):
     Overrides starting with ``experiment.`` go to the experiment section, the others to the run
     config; both are checked key by key (unknown keys fail with the valid ones listed).
     """
-    from gf_jax.config import apply_overrides, config_from_dict, from_dict, read_yaml_mapping
-
     values = read_yaml_mapping(path, "experiment config", "pass --preset NAME or an existing --config")
     # The section inside a one-field dataclass, so that error messages name ``experiment.<key>``.
     holder = dataclasses.make_dataclass(
@@ -64,27 +63,15 @@ def load_experiment(path: str, overrides: Sequence[str], experiment_cls):
     return experiment, config_from_dict(values, run_overrides)
 
 
-def replace_sections(config, **sections):
-    """``config`` with fields of its sections replaced: ``replace_sections(c, train={"steps": 5})``."""
-    return dataclasses.replace(config, **{
-        name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()
-    })
-
-
 def arm_config(base, arm: Arm, *, data, steps: int, run_dir: str, init_from: str | None):
     """The validated run config of one arm: its data, goldfish settings, step count and run dir.
 
     ``init_from`` (a run directory, or ``RUN_DIR@STEP``) starts the arm from that run's parameters
     with a fresh optimizer; the trainer honours ``train.init_from`` itself.
     """
-    from gf_jax.config import validate
-
     train = dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0)
     if init_from:
         train["init_from"] = init_from
     # A warm-up longer than the run would never reach the peak learning rate.
     optimizer = dict(warmup=min(base.optimizer.warmup, steps - 1))
-    config = replace_sections(dataclasses.replace(base, data=data, goldfish=arm.goldfish),
-                              train=train, optimizer=optimizer)
-    validate(config)
-    return config
+    return replace_sections(base, data=data, goldfish=arm.goldfish, train=train, optimizer=optimizer)

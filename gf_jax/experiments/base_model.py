@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from gf_jax.experiments.arms import replace_sections
+from gf_jax.config import replace_sections
 from gf_jax.experiments.io import say
 from gf_jax.experiments.training import train_arm
 from gf_jax.goldfish import GoldfishConfig
@@ -22,17 +22,13 @@ def base_config(base, *, corpus_fields: dict, tokenizer_path: str, steps: int, l
                 run_dir: str, init_from: str | None):
     """The validated run config of the base stage: standard loss on packed rows of the background
     corpus (``corpus_fields``: data source fields and path), with the experiment's tokenizer."""
-    from gf_jax.config import validate
-
     data = dataclasses.replace(
         base.data, **corpus_fields, tokenizer=tokenizer_path, mode="packed", validation_fraction=0.0,
         max_documents=None, canary_path=None, canary_repeats=0)
     train = dict(steps=steps, stop_at=0, run_dir=run_dir, eval_every=0, init_from=init_from or "")
     optimizer = dict(lr=lr if lr is not None else base.optimizer.lr, warmup=min(base.optimizer.warmup, steps - 1))
-    config = replace_sections(dataclasses.replace(base, data=data, goldfish=GoldfishConfig(strategy="none")),
-                              train=train, optimizer=optimizer)
-    validate(config)
-    return config
+    return replace_sections(base, data=data, goldfish=GoldfishConfig(strategy="none"), train=train,
+                            optimizer=optimizer)
 
 
 def pretrain_base(config, *, devices, fresh: bool, tag: str) -> dict:

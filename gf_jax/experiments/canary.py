@@ -18,7 +18,7 @@ canaries) from the same initialisation; the control arm's stream has no canaries
 ``gf_jax.evaluate`` greedily decodes the last ``suffix_len`` tokens of every inserted canary.
 
 Outputs in ``--out`` (default ``runs/canary_<preset>``): ``results.json``, ``results.md``,
-``rougeL_hist.png`` (one panel per arm), ``report/`` (gf_jax.report), ``corpus/canaries.jsonl``,
+``rougeL_hist.png`` (one panel per arm), ``report/`` (gf_jax.evaluate.report), ``corpus/canaries.jsonl``,
 ``arms/<arm>/`` (run directories).
 """
 
@@ -31,12 +31,14 @@ import re
 import sys
 from collections.abc import Sequence
 
+from gf_jax import data
+from gf_jax.data.tasks import corpus_tokenizer
 from gf_jax.experiments import cli, corpus, evaluation, tables
 from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
 from gf_jax.experiments.runner import Protocol, run_arms
 from gf_jax.goldfish import GoldfishConfig
-from gf_jax.tokenizer import corpus_tokenizer
+from gf_jax.model import param_count
 
 PRESET_ALIASES = {"tpu": "tinyllama_1b"}
 DEFAULT_ARMS = ("standard", "k3", "k4", "k8", "k32", "k128", "control")
@@ -131,8 +133,6 @@ def prepare(base, exp: CanaryExperiment, out: str):
     """(tokenizer, canary-carrying data config): the canary file written, the tokenizer trained on
     the background's training documents plus the canary corpus (as a pre-trained tokenizer would
     cover both)."""
-    from gf_jax import data
-
     source, rule = CANARY_FORMATS[exp.canary_format]
     if not os.path.exists(exp.canary_corpus):
         raise FileNotFoundError(f"the canary corpus {exp.canary_corpus!r} does not exist; set "
@@ -166,8 +166,6 @@ def stream_plan(exp: CanaryExperiment, base, data_config, tokenizer, canary_toke
     """``steps`` of every arm and, when derived from ``epochs``, what one pass over the stream holds:
     ``background_documents`` and ``stream_tokens`` (None when ``experiment.steps`` is given, so
     that a large background is never read whole)."""
-    from gf_jax import data
-
     canary_stream = exp.repeats * sum(len(t) for t in canary_tokens)
     if exp.steps:
         return dict(steps=exp.steps, background_documents=None, stream_tokens=None, canary_tokens=canary_stream)
@@ -218,9 +216,6 @@ def build_parser(prog: str | None = None):
 
 def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dict:
     """Runs the experiment; returns ``{"out", "arms": {name: result}, "meta"}``."""
-    from gf_jax import data
-    from gf_jax.model import param_count
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(command).parse_args(argv)
     overrides = ([f"experiment.arms=[{args.arms}]"] if args.arms else []) + list(args.overrides)

@@ -8,7 +8,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from gf_jax.experiments.arms import REPO, load_experiment, preset_path, replace_sections
+from gf_jax.config import replace_sections
+from gf_jax.experiments.arms import REPO, load_experiment, preset_path
+from gf_jax.run.init_from import apply_init_from
 
 
 def experiment_parser(prog: str | None, doc: str, kind: str, presets: str) -> argparse.ArgumentParser:
@@ -44,8 +46,6 @@ def resolve_experiment(args, kind: str, aliases: dict[str, str], overrides: Sequ
 def _with_pretrained(base, init_from: str | None):
     """``base`` with the architecture and tokenizer of ``--init-from`` (or ``train.init_from``): the
     documents are cut with the pretrained model's tokenizer before any arm trains."""
-    from gf_jax.pretrained import apply_init_from
-
     init_from = init_from or base.train.init_from
     if not init_from:
         return base

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gf_jax import data
+from gf_jax.data import Document
+
 # Cuts tried around the wanted length, nearest first (see truncate_to_tokens).
 _CUT_DELTAS = (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6, 7, -7, 8, -8)
 
@@ -31,8 +34,6 @@ def truncate_to_tokens(text: str, tokenizer, n_tokens: int) -> str | None:
 def cut_documents(docs: Iterable, tokenizer, data_config, *, n_tokens: int, limit: int) -> list:
     """The first ``limit`` documents with at least ``n_tokens`` tokens (BOS/EOS included), each cut
     to exactly that length, in corpus order; fewer when the corpus runs out."""
-    from gf_jax.data import Document
-
     n_special = int(data_config.add_bos) + int(data_config.add_eos)
     chosen = []
     for doc in docs:  # lazily: a large corpus is read only as far as needed
@@ -46,8 +47,6 @@ def cut_documents(docs: Iterable, tokenizer, data_config, *, n_tokens: int, limi
 
 def document_tokens(docs, tokenizer, data_config) -> list[list[int]]:
     """Token ids of each document exactly as the data pipeline frames them (BOS/EOS)."""
-    from gf_jax import data
-
     return [t.tolist() for t in data.tokenize_documents(docs, tokenizer, data_config.add_bos, data_config.add_eos)]
 
 
@@ -63,8 +62,6 @@ def document_chunks(docs, *, chunk: int, stop: int | None = None):
 
 def validation_documents(data_config, limit: int, scan: int = 200_000) -> list:
     """The first ``limit`` background documents of the validation split (scanning about ``scan``)."""
-    from gf_jax import data
-
     if limit == 0 or data_config.validation_fraction <= 0:
         return []
     found = []

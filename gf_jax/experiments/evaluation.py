@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
+
+from gf_jax import data, evaluate
+from gf_jax.goldfish import goldfish_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +48,6 @@ def evaluate_arm(model, mesh, tokenizer, config, docs: EvalDocuments, exp, name:
     ``exp`` gives ``suffix_len``, ``prefix_len`` and ``eval_batch``; ``config`` is the arm's run
     config (sequence length and row mode of the held-out batches).
     """
-    from gf_jax import data, evaluate
-
     mesh = eval_mesh(mesh)
     batch = eval_batch_size(exp.eval_batch, mesh)
     per_doc, aggregate = evaluate.evaluate_memorization(
@@ -70,9 +72,6 @@ def suffix_drop_counts(docs_tokens, goldfish_config, suffix_len: int, eos_id: in
     """How many of each document's suffix targets the arm's goldfish mask leaves out of training
     (None for ``random``, whose mask changes every step). Rows start at the document's first
     token, as in document mode, so the mask is the one training used."""
-    import jax.numpy as jnp
-
-    from gf_jax.goldfish import goldfish_mask
 
     if goldfish_config.strategy == "random":
         return [None] * len(docs_tokens)

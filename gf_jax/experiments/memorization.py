@@ -18,7 +18,7 @@ Each arm trains ``epochs`` passes over its documents from the same initialisatio
 from everything before it. A document is *memorized* when the whole suffix comes back exactly.
 
 Outputs in ``--out`` (default ``runs/memorization_<preset>``): ``results.json``, ``results.md``,
-``rougeL_hist.png`` (one panel per arm), ``report/`` (gf_jax.report: report.md/json and overlaid
+``rougeL_hist.png`` (one panel per arm), ``report/`` (gf_jax.evaluate.report: report.md/json and overlaid
 histograms), ``corpus/`` (the documents, JSONL with their stable ids), ``arms/<arm>/`` (run
 directories: config, metrics, checkpoint). Re-running with the same ``--out`` resumes or reuses
 finished arms (``--fresh`` retrains them).
@@ -32,12 +32,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gf_jax import data
+from gf_jax.data.tasks import corpus_tokenizer
 from gf_jax.experiments import base_model, cli, corpus, evaluation, tables
 from gf_jax.experiments.arms import REPO, Arm, arm_config, special_ids
 from gf_jax.experiments.io import provenance, say, select_devices, write_documents_jsonl
 from gf_jax.experiments.runner import Protocol, run_arms
 from gf_jax.goldfish import GoldfishConfig
-from gf_jax.tokenizer import corpus_tokenizer
+from gf_jax.model import LoRAConfig, param_count
 
 DEFAULT_ARMS = ("standard", "goldfish-hash", "goldfish-static", "random-drop", "control")
 # LoRA arms fine-tune a pretrained base (experiment.base_corpus or --init-from): not by default.
@@ -150,8 +152,6 @@ def _loss_label(arm: Arm) -> str:
 
 def select_documents(base, exp: MemorizationExperiment):
     """(tokenizer, members, control, heldout): the cut documents, in corpus order."""
-    from gf_jax import data
-
     pool = data.read_background(base.data)
     n_control = exp.docs if "control" in exp.arms else 0
     need = exp.docs + n_control + exp.heldout_docs
@@ -192,8 +192,6 @@ def check_lora_arms(exp: MemorizationExperiment, init_from: str | None) -> None:
 def lora_base(base, exp: MemorizationExperiment):
     """The run config a LoRA arm starts from: adapters on every targeted projection of a frozen
     base, at the LoRA learning rate."""
-    from gf_jax.lora import LoRAConfig
-
     adapters = LoRAConfig(rank=exp.lora_rank, alpha=exp.lora_alpha, targets=tuple(exp.lora_targets))
     lr = exp.lora_lr if exp.lora_lr is not None else base.optimizer.lr
     return dataclasses.replace(base, model=dataclasses.replace(base.model, lora=adapters),
@@ -275,9 +273,6 @@ def flag_overrides(args) -> list[str]:
 
 def run(argv: Sequence[str] | None = None, *, command: str | None = None) -> dict:
     """Runs the experiment; returns ``{"out", "arms": {name: result}, "meta"}``."""
-    from gf_jax import data
-    from gf_jax.model import param_count
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(command).parse_args(argv)
     path, preset, exp, base, out = cli.resolve_experiment(

@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from gf_jax.distributed import is_main_process
 from gf_jax.experiments import tables
 from gf_jax.experiments.arms import Arm
 from gf_jax.experiments.io import say
 from gf_jax.experiments.training import train_arm
+from gf_jax.run.distributed import is_main_process
 
 
 @dataclasses.dataclass(frozen=True)

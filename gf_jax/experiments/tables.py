@@ -1,13 +1,14 @@
 """Result files of an experiment: a table with one row per arm (columns chosen by the protocol),
-``results.json``, ``results.md``, ``rougeL_hist.png`` and ``report/`` (``gf_jax.report``)."""
+``results.json``, ``results.md``, ``rougeL_hist.png`` and ``report/`` (``gf_jax.evaluate.report``)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 
-from gf_jax import report, rundir
+from gf_jax.evaluate import report
 from gf_jax.experiments.io import write_json
+from gf_jax.util import paths
 
 # A column: its header and how to write one arm's result (``runner.record_arm``'s dict) in it.
 Column = tuple[str, Callable[[dict], str]]
@@ -55,7 +56,7 @@ def write_results(out: str, results: dict[str, dict], table: str, *, record: dic
     markdown = (f"# {heading}: {record.get('preset')}\n\n{record['date']}, {record['machine']}\n\n"
                 f"`{record['command']}`\n\n{description}\n\n{table}\n{paper_note}\n\n"
                 "![RougeL per arm](rougeL_hist.png)\n")
-    rundir.write_text(os.path.join(out, "results.md"), markdown)
+    paths.write_text(os.path.join(out, "results.md"), markdown)
 
 
 def print_summary(table: str, out: str) -> None:

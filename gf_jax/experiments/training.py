@@ -6,6 +6,9 @@ import os
 import shutil
 import time
 
+from gf_jax.train.tracker import read_metrics
+from gf_jax.train.trainer import Trainer
+
 # The keys of the last training record an experiment reports (losses renamed ``final_*``).
 _FINAL_KEYS = ("loss", "loss_all", "loss_dropped", "drop_fraction", "supervised_tokens", "input_tokens",
                "tokens_per_s")
@@ -17,8 +20,6 @@ def train_arm(config, *, devices, fresh: bool = False):
 
     ``train.init_from`` in ``config`` starts a new run from another run's parameters.
     """
-    from gf_jax.trainer import Trainer
-
     run_dir = config.train.run_dir
     if fresh and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
@@ -36,8 +37,6 @@ def train_arm(config, *, devices, fresh: bool = False):
 
 def final_metrics(run_dir: str) -> dict:
     """The last training record of a run: loss over all / kept / dropped targets, drop rate, speed."""
-    from gf_jax.tracker import read_metrics
-
     # Evaluation records carry no ``loss_all``; the last record that does is the last training one.
     training = [record for record in read_metrics(run_dir) if "loss_all" in record]
     last = training[-1] if training else {}

@@ -11,24 +11,19 @@ time, so the host holds the model plus one tensor. Run it on one process.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from gf_jax import layers
 from gf_jax.hf import config as hf_config
 from gf_jax.hf import weights
-from gf_jax.hf.runs import hf_metadata_dir
-from gf_jax.hf.safetensors_io import MAX_SHARD_BYTES, write_sharded
-from gf_jax.hf.tokenizer import TOKENIZER_FILES
-
-_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-              "float16": np.dtype(np.float16)}
+from gf_jax.hf.safetensors_io import MAX_SHARD_BYTES, NUMPY_DTYPES, write_sharded
+from gf_jax.model import layers
+from gf_jax.tokenizer.hf_tokenizer import TOKENIZER_FILES
+from gf_jax.util import paths
 
 
 def _hf_order(path: tuple) -> tuple:
@@ -56,7 +51,7 @@ def tensor_specs(model, dtype: str) -> list:
     config = model.config
     names = weights.parameter_names(config)
     flat = sorted(_per_layer(nnx.to_flat_state(nnx.state(model, nnx.Param))), key=lambda kv: _hf_order(kv[0]))
-    np_dtype = _NP_DTYPES[dtype]
+    np_dtype = NUMPY_DTYPES[dtype]
     specs = []
     for path, (array, layer) in flat:
         hf_name, layout = names[path]
@@ -76,12 +71,6 @@ def _special_ids(tokenizer) -> dict:
 
     return {"bos_token_id": known(tokenizer.bos_id), "eos_token_id": known(tokenizer.eos_id),
             "pad_token_id": known(getattr(tokenizer, "pad_id", None))}
-
-
-def _write_json(path: str, values: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(values, f, indent=2)
-        f.write("\n")
 
 
 def _sentencepiece_tokenizer_config(tokenizer, add_bos: bool) -> dict:
@@ -108,7 +97,8 @@ def write_tokenizer(tokenizer, out_dir: str, source_dir: str | None, add_bos: bo
         shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.json"))
         return
     shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _sentencepiece_tokenizer_config(tokenizer, add_bos))
+    config = _sentencepiece_tokenizer_config(tokenizer, add_bos)
+    paths.write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
 
 
 def export_model(model, tokenizer, out_dir: str, *, dtype: str | None = None, source_dir: str | None = None,
@@ -121,66 +111,22 @@ def export_model(model, tokenizer, out_dir: str, *, dtype: str | None = None, so
     """
     config = model.config
     if config.lora.enabled:
-        raise ValueError("the model has LoRA adapters; merge them first (gf_jax.lora.merged) or export them with "
-                         "gf_jax.hf.peft.export_peft.")
+        raise ValueError("the model has LoRA adapters; merge them first (gf_jax.model.transforms.merged) or export "
+                         "them with gf_jax.hf.peft.export_peft.")
     dtype = dtype or config.param_dtype
-    if dtype not in _NP_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}.")
+    if dtype not in NUMPY_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(NUMPY_DTYPES)}, got {dtype!r}.")
     os.makedirs(out_dir, exist_ok=True)
     base = hf_config.read_config(source_dir) if source_dir else None
     ids = _special_ids(tokenizer)
     files = write_sharded(out_dir, tensor_specs(model, dtype), max_shard_bytes=max_shard_bytes)
-    _write_json(os.path.join(out_dir, "config.json"),
+    paths.write_json(os.path.join(out_dir, "config.json"),
                 hf_config.hf_config_from_model(config, dtype=dtype, special_ids=ids, base=base))
     generation = os.path.join(source_dir, "generation_config.json") if source_dir else None
     if generation and os.path.isfile(generation):
         shutil.copyfile(generation, os.path.join(out_dir, "generation_config.json"))
     else:
-        _write_json(os.path.join(out_dir, "generation_config.json"),
+        paths.write_json(os.path.join(out_dir, "generation_config.json"),
                     {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}})
     write_tokenizer(tokenizer, out_dir, source_dir, add_bos)
     return [*files, "config.json", "generation_config.json"]
-
-
-def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
-               merge_lora: bool = False, peft: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """``python -m gf_jax.hf export``: a run directory's checkpoint (default: latest) as an HF
-    directory (an HF directory works too: re-export, e.g. in another dtype).
-
-    A LoRA run (or a PEFT adapter directory) exports with ``merge_lora`` as a full HF model whose
-    weights have the adapters merged in, or with ``peft`` as a PEFT adapter directory."""
-    from gf_jax.checkpoint import load_model
-
-    model, run_config, tokenizer = load_model(run_dir, step)
-    has_adapters = model.config.lora.enabled
-    if merge_lora and peft:
-        raise ValueError("--merge-lora and --peft exclude each other; pass one of them.")
-    if (merge_lora or peft) and not has_adapters:
-        raise ValueError(f"{run_dir} has no LoRA adapters (model.lora.rank is 0); export it without "
-                         f"{'--merge-lora' if merge_lora else '--peft'}.")
-    if peft:
-        from gf_jax.hf.peft import export_peft
-
-        return export_peft(model, out_dir, base_name=_base_name(run_config.train.init_from), dtype=dtype or "float32")
-    if has_adapters and not merge_lora:
-        raise ValueError(
-            f"{run_dir} is a LoRA run (rank-{model.config.lora.rank} adapters on {run_config.train.init_from}); pass "
-            "--merge-lora for a full Hugging Face model with the adapters merged in, or --peft for a PEFT adapter "
-            "directory."
-        )
-    if has_adapters:
-        from gf_jax.lora import merged
-
-        model = merged(model, param_dtype=dtype)
-    source_dir = hf_metadata_dir(run_dir) or (hf_metadata_dir(run_config.train.init_from) if has_adapters else None)
-    return export_model(model, tokenizer, out_dir, dtype=dtype, source_dir=source_dir,
-                        add_bos=run_config.data.add_bos, max_shard_bytes=max_shard_bytes)
-
-
-def _base_name(init_from: str) -> str:
-    """``base_model_name_or_path`` of a PEFT export: the absolute path of the run's base."""
-    from gf_jax import rundir
-    from gf_jax.checkpoint import split_step
-
-    path, step = split_step(init_from)
-    return rundir.absolute(path) + ("" if step is None else f"@{step}")

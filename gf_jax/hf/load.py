@@ -13,10 +13,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gf_jax import layers
 from gf_jax.hf import weights
 from gf_jax.hf.safetensors_io import SafetensorsReader
-from gf_jax.model import ModelConfig, Transformer
+from gf_jax.model import layers
+from gf_jax.model.config import ModelConfig
+from gf_jax.model.sharding import shardings_on
+from gf_jax.model.transformer import abstract_model
 
 
 def _check_tensors(reader: SafetensorsReader, names: dict, config: ModelConfig, hf_dir: str) -> None:
@@ -41,7 +43,7 @@ def load_params(hf_dir: str, abstract_state, shardings, config: ModelConfig):
         leaves' dtypes are the dtypes the arrays get (the checkpoint's are cast). Either block
         layout: a stacked parameter (``model.scan_layers``) is filled from every layer's tensor.
       shardings: a matching tree of ``jax.sharding.Sharding`` (e.g. from
-        ``gf_jax.sharding.model_shardings``): where each array is placed.
+        ``gf_jax.model.sharding.model_shardings``): where each array is placed.
       config: the ModelConfig ``abstract_state`` was built from.
     """
     reader = SafetensorsReader(hf_dir)
@@ -84,26 +86,11 @@ def _read_parameter(reader: SafetensorsReader, names: dict, path: tuple, shape, 
     return array
 
 
-def abstract_model(config: ModelConfig):
-    """(graphdef, abstract_state) of ``config``'s Transformer; nothing is allocated."""
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)
-
-
-def default_shardings(abstract_state, mesh=None):
-    """Shardings by the logical-axis rules on ``mesh``, or the first local device when None."""
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree.map(lambda _: device, abstract_state)
-    from gf_jax.sharding import model_shardings
-
-    return model_shardings(abstract_state, mesh)
-
-
 def load_model(hf_dir: str, config: ModelConfig, *, mesh=None):
-    """The ``Transformer`` of ``hf_dir`` with ``config`` (see :func:`gf_jax.hf.model_config`)."""
+    """The ``Transformer`` of ``hf_dir`` with ``config`` (``gf_jax.hf.config.model_config_from_hf``), its
+    parameters on ``mesh`` by the logical-axis rules, or on the first local device."""
     graphdef, abstract_state = abstract_model(config)
-    state = load_params(hf_dir, abstract_state, default_shardings(abstract_state, mesh), config)
+    state = load_params(hf_dir, abstract_state, shardings_on(abstract_state, mesh), config)
     return nnx.merge(graphdef, state)
 
 

@@ -22,7 +22,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gf_jax.lora import TARGETS, LoRAConfig
+from gf_jax.hf.safetensors_io import NUMPY_DTYPES, SafetensorsReader, write_file
+from gf_jax.model.config import LORA_TARGETS as TARGETS
+from gf_jax.model.config import LoRAConfig
+from gf_jax.util import paths
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -72,12 +75,9 @@ def adapter_config(lora: LoRAConfig, base_name: str) -> dict:
 
 def export_peft(model, out_dir: str, *, base_name: str, dtype: str = "float32") -> list[str]:
     """Writes ``model``'s adapters as a PEFT directory; returns the file names written."""
-    from gf_jax.hf.export import _NP_DTYPES, _write_json
-    from gf_jax.hf.safetensors_io import write_file
-
     if not model.config.lora.enabled:
         raise ValueError("the model has no LoRA adapters (model.lora.rank is 0); export it without --peft.")
-    np_dtype = _NP_DTYPES[dtype]
+    np_dtype = NUMPY_DTYPES[dtype]
     arrays = adapter_arrays(model)
     specs = []
     for layer, target, matrix in sorted(arrays, key=lambda k: (k[0], TARGETS.index(k[1]), k[2])):
@@ -85,7 +85,7 @@ def export_peft(model, out_dir: str, *, base_name: str, dtype: str = "float32") 
         specs.append((tensor_name(layer, target, matrix), hf.shape, np_dtype, lambda hf=hf: hf.astype(np_dtype)))
     os.makedirs(out_dir, exist_ok=True)
     write_file(os.path.join(out_dir, WEIGHTS_FILE), specs, {"format": "pt"})
-    _write_json(os.path.join(out_dir, CONFIG_FILE), adapter_config(model.config.lora, base_name))
+    paths.write_json(os.path.join(out_dir, CONFIG_FILE), adapter_config(model.config.lora, base_name))
     return [WEIGHTS_FILE, CONFIG_FILE]
 
 
@@ -125,8 +125,6 @@ def read_adapter_config(peft_dir: str) -> tuple[LoRAConfig, str]:
 def load_adapters(peft_dir: str, abstract_adapters, shardings):
     """The adapters of ``peft_dir`` as an ``nnx.State`` like ``abstract_adapters`` (adapter leaves of
     a model with the directory's ``model.lora``), float32, each on its ``shardings`` leaf."""
-    from gf_jax.hf.safetensors_io import SafetensorsReader
-
     path = os.path.join(peft_dir, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{peft_dir!r} has no {WEIGHTS_FILE}; pass a PEFT adapter directory.")
@@ -174,26 +172,3 @@ def with_peft_settings(model_config, peft_dir: str):
                              f"model.lora.{name} from the config (the adapters' settings come with them).")
     # The config's own dropout stays: dropout is a training choice, not part of the adapters.
     return dataclasses.replace(model_config, lora=dataclasses.replace(lora, dropout=mine.dropout))
-
-
-def load_peft(peft_dir: str, base: str | None = None, *, mesh=None, param_dtype: str | None = None):
-    """``(model, run_config, tokenizer)``: the base (an HF or run directory; default: the adapter's
-    ``base_model_name_or_path`` when that is a local directory; an HF base in ``param_dtype``)
-    with ``peft_dir``'s adapters applied."""
-    from gf_jax import lora as lora_lib
-    from gf_jax.checkpoint import load_model, split_step
-    from gf_jax.hf.load import abstract_model, default_shardings
-
-    _, recorded_base = read_adapter_config(peft_dir)
-    base = base or recorded_base
-    if not base or not os.path.isdir(split_step(base)[0]):
-        raise FileNotFoundError(f"the base model of {peft_dir} ({recorded_base or 'not recorded'}) is not a local "
-                                "directory; pass base=PATH (a Hugging Face or run directory).")
-    base_model, config, tokenizer = load_model(*split_step(base), mesh=mesh, param_dtype=param_dtype)
-    model_config = with_peft_settings(config.model, peft_dir)
-    graphdef, abstract = abstract_model(model_config)
-    adapters = lora_lib.split(abstract)[1]
-    state = lora_lib.join(nnx.state(base_model), load_adapters(peft_dir, adapters, default_shardings(adapters, mesh)))
-    config = dataclasses.replace(config, model=model_config,
-                                 train=dataclasses.replace(config.train, init_from=os.path.abspath(base)))
-    return nnx.merge(graphdef, state), config, tokenizer

@@ -33,6 +33,9 @@ _DTYPES = {
     "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
+# The dtypes an export may write its weights in, by name.
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                "float16": np.dtype(np.float16)}
 
 
 def refuse_pickles(hf_dir: str) -> None:
