@@ -18,7 +18,7 @@ Layers, each usable on its own:
 Sharding: nothing here gathers the logits. The target logit is picked by a one-hot mask built in
 the logits' own sharding and summed over V, and the log-partition is a reduction over V, so a
 vocabulary split over a mesh axis (explicit or auto) costs all-reduces of B x T numbers
-(tests/test_loss_sharding.py reads this in the compiled HLO).
+(tests/core/test_loss.py reads this in the compiled HLO).
 
 Precision: logits of any dtype are cast to float32 before the log-softmax. A codebase that takes
 its log-softmax in bfloat16 matches ``strategy="none"`` only to bf16 rounding; in float32 exactly.

@@ -3,21 +3,12 @@
 import os
 
 import pytest
+from helpers import shakespeare_tokenizer
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
-
-
-def corpus_tokenizer_path(config, tmp_path_factory) -> str:
-    """A tokenizer trained on ``config``'s corpus in a fresh cache (shared by the trainer tests)."""
-    import dataclasses
-
-    from gf_jax.data import corpus_tokenizer
-
-    cache = str(tmp_path_factory.mktemp("tokenizers"))
-    return corpus_tokenizer(dataclasses.replace(config.data, tokenizer_cache_dir=cache)).path
 
 
 def _fake_gcs_class():
@@ -57,16 +48,6 @@ def bucket(tmp_path):
     backend.fsspec_backend._get_filesystem.cache_clear()
     yield tmp_path / "gcs"
     backend.fsspec_backend._get_filesystem.cache_clear()
-
-
-def shakespeare_tokenizer(tmp_path_factory):
-    """A 330-piece tokenizer of the first 60,000 characters of the embedded Tiny Shakespeare."""
-    from gf_jax.tokenizer import cached_tokenizer
-
-    path = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()[:60_000]
-    return cached_tokenizer([text], 330, str(tmp_path_factory.mktemp("tok")), verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ module (``cli``, ``__main__``) may import anything: nothing imports it.
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "gf_jax")
 LAYERS = {"core": 0, "util": 1, "model": 2, "tokenizer": 3, "data": 4, "hf": 5, "config": 6, "run": 7,
           "evaluate": 8, "train": 8, "experiments": 9}
@@ -126,3 +128,34 @@ def _has_reason(lines: list[str], i: int) -> bool:
             return True
         i -= 1
     return i >= 0 and lines[i].strip().startswith("#")
+
+
+def _tested_modules() -> list[str]:
+    """Every module whose tests must be findable: all but package ``__init__`` files (re-exports;
+    the root package, the public API, is ``tests/core/test_package.py``) and ``__main__`` files."""
+    return sorted(m for m, path in _modules().items()
+                  if m == "gf_jax" or os.path.basename(path) not in ("__init__.py", "__main__.py"))
+
+
+@pytest.mark.parametrize("module", _tested_modules())
+def test_each_module_has_tests_named_after_it(module):
+    """``gf_jax/<pkg>/<name>.py`` is tested in ``tests/<pkg>/test_<name>.py`` (a core module in
+    ``tests/core/``), or its tests say which module they cover in ``TESTED_BY``."""
+    parts = module.split(".")[1:]
+    folder = parts[0] if len(parts) > 1 else "core"
+    name = parts[-1] if parts else "package"
+    here = os.path.dirname(__file__)
+    assert os.path.isfile(os.path.join(here, folder, f"test_{name}.py")) or module in _covered_elsewhere(), module
+
+
+def _covered_elsewhere() -> set[str]:
+    """Modules whose tests live in another module's test file, as the file's ``COVERS`` tuple says."""
+    out = set()
+    for folder, _, files in os.walk(os.path.dirname(__file__)):
+        for f in files:
+            if f.startswith("test_") and f.endswith(".py"):
+                tree = ast.parse(open(os.path.join(folder, f)).read())
+                for node in tree.body:
+                    if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "COVERS" for t in node.targets):
+                        out |= set(ast.literal_eval(node.value))
+    return out
