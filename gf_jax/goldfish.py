@@ -44,6 +44,12 @@ TABLE_SEED = 2971215073
 
 _U32 = jnp.uint32
 
+# Position given to the targets of a row's leading, continued document (one that began before the
+# row): any value >= h means "full window", so ``hash`` drops the first h of them unless
+# ``context_BxC`` supplies their predecessors. 2**20 leaves room for rows of ~10**9 columns; it is
+# also the largest hash window (a longer one could not tell such targets from a document's own).
+CONTINUED = 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class GoldfishConfig:
@@ -56,7 +62,8 @@ class GoldfishConfig:
     Attributes:
       strategy: one of ``none | static | hash | hash-table | random``.
       k: drop rate is 1/k (k >= 2). "4-GL" is k=4.
-      h: context width of the hash (>= 1); the paper's default is 13.
+      h: context width of the hash, 1 <= h <= 2**20; the paper's default is 13 (Apertus used 50).
+        Compile time does not depend on h; the mask's run time grows with min(h, T + C).
       seed: salt of the ``hash`` strategy, 0 <= seed < 2**32; different seeds give independent
         masks, the same seed the same mask in every run.
       start: offset of the ``static`` strategy (0 <= start < k).
@@ -81,8 +88,8 @@ class GoldfishConfig:
                 raise ValueError(f"goldfish {name} must be an integer, got {value!r}.")
         if self.k < 2:
             raise ValueError(f"goldfish k must be >= 2 (drop rate 1/k), got k={self.k}.")
-        if self.h < 1:
-            raise ValueError(f"goldfish h (context width) must be >= 1, got h={self.h}.")
+        if not 1 <= self.h <= CONTINUED:
+            raise ValueError(f"goldfish h (context width) must be in [1, {CONTINUED}], got h={self.h}.")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"goldfish seed must be in [0, 2**32), got seed={self.seed}.")
         if not 0 <= self.start < self.k:
@@ -147,14 +154,6 @@ def _columns_like(targets_BxT):
 _default_positions = _columns_like  # without positions, every row starts a document
 
 
-def _context_at_offset(context_BxC, j: int, T: int):
-    """out[:, t] = context[:, C - j + t] for the first j columns (0 elsewhere or before context)."""
-    C = context_BxC.shape[-1]
-    head_BxC = context_BxC[..., max(0, C - j):]  # the last min(j, C) context targets
-    config = [(0, 0, 0)] * (context_BxC.ndim - 1) + [(max(0, j - C), T - j, 0)]
-    return jax.lax.pad(head_BxC, _U32(0), config)
-
-
 def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None):
     """Salted 32-bit hash of the up-to-h targets preceding each target in its own document.
 
@@ -162,24 +161,42 @@ def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None
     is its min(p, h) predecessors, nearest first, and the hash also mixes in that length, so a
     document's first targets are hashed consistently wherever the document sits. ``complete`` is
     False where the window reaches before column 0 and ``context_BxC`` (the C targets before
-    column 0, see ``goldfish_mask``) does not cover it.
+    column 0, see ``goldfish_mask``) does not cover it; such a target's hash is not the full
+    window's (it is dropped whatever its hash).
+
+    The window offsets run in a ``lax.scan`` that shifts the row by one column per step, so the
+    compiled program does not grow with h; it stops after ``min(h, T - 1 + C)`` steps, the longest
+    window a complete target can have.
     """
     T = targets_BxT.shape[-1]
+    C = 0 if context_BxC is None else context_BxC.shape[-1]
     tokens_BxT = targets_BxT.astype(jnp.int32).astype(_U32)
     window_BxT = jnp.minimum(positions_BxT.astype(jnp.int32), h)
     columns_BxT = _columns_like(targets_BxT)
+    complete_BxT = window_BxT <= columns_BxT + C
     if context_BxC is not None:
         context_BxC = jnp.asarray(context_BxC).astype(jnp.int32).astype(_U32)
-        columns_BxT = columns_BxT + context_BxC.shape[-1]
-    complete_BxT = window_BxT <= columns_BxT
-
     acc_BxT = jnp.zeros_like(tokens_BxT) + _fmix32(_U32(seed) ^ _U32(0x9E3779B9))
-    for j in range(1, h + 1):  # loop over the h window offsets (static), vectorised over B and T
-        word_BxT = _shift_right(tokens_BxT, j, _U32(0))
-        if context_BxC is not None:  # the first j columns take their word from the context
-            in_context_BxT = columns_BxT - context_BxC.shape[-1] < j
-            word_BxT = jnp.where(in_context_BxT, _context_at_offset(context_BxC, j, T), word_BxT)
+
+    def mix_offset(carry, j):
+        """Offset j of every window: the row shifted right by j, its first j columns taken from the
+        context (``from_context_BxT`` holds them: context[C - j + t] at column t < j, else 0)."""
+        acc_BxT, shifted_BxT, from_context_BxT = carry
+        shifted_BxT = _shift_right(shifted_BxT, 1, _U32(0))
+        if context_BxC is not None:
+            from_context_BxT = _shift_right(from_context_BxT, 1, _U32(0))
+            entering_B = jax.lax.dynamic_index_in_dim(context_BxC, jnp.maximum(C - j, 0), axis=-1, keepdims=False)
+            entering_B = jnp.where(j <= C, entering_B, _U32(0))
+            from_context_BxT = jnp.where(columns_BxT == 0, entering_B[..., None], from_context_BxT)
+        # The shifted row is 0 where column t < j and the context part is 0 where t >= j: their sum
+        # is the word at offset j.
+        word_BxT = shifted_BxT + from_context_BxT
         acc_BxT = jnp.where(j <= window_BxT, _murmur_round(acc_BxT, word_BxT), acc_BxT)
+        return (acc_BxT, shifted_BxT, from_context_BxT), None
+
+    steps = min(h, T - 1 + C)
+    carry = (acc_BxT, tokens_BxT, jnp.zeros_like(tokens_BxT))
+    (acc_BxT, _, _), _ = jax.lax.scan(mix_offset, carry, jnp.arange(1, steps + 1, dtype=jnp.int32))
     hash_BxT = _fmix32(acc_BxT ^ window_BxT.astype(_U32))
     return hash_BxT, complete_BxT
 
@@ -251,11 +268,17 @@ def _hash_table_drop(targets_BxT, config: GoldfishConfig, table):
     ids_BxT = targets_BxT.astype(jnp.int32)
     lo_BxT = ids_BxT.astype(_U32)
     hi_BxT = jnp.where(ids_BxT < 0, _U32(0xFFFFFFFF), _U32(0))  # sign extension to int64
-    prod_hi, prod_lo = hi_BxT, lo_BxT
-    for j in range(1, config.h):
-        prod_hi, prod_lo = _mul64_wrap(
-            prod_hi, prod_lo, _shift_right(hi_BxT, j, _U32(0)), _shift_right(lo_BxT, j, _U32(1))
-        )
+
+    def multiply_offset(carry, _):
+        """Offset j of the window: the row shifted right by j, multiplied in (1 before the row)."""
+        prod_hi, prod_lo, shifted_hi, shifted_lo = carry
+        shifted_hi, shifted_lo = _shift_right(shifted_hi, 1, _U32(0)), _shift_right(shifted_lo, 1, _U32(1))
+        prod_hi, prod_lo = _mul64_wrap(prod_hi, prod_lo, shifted_hi, shifted_lo)
+        return (prod_hi, prod_lo, shifted_hi, shifted_lo), None
+
+    # A scan (one compiled step for any h); past T - 1 offsets only the factor 1 is multiplied in.
+    steps = min(config.h - 1, targets_BxT.shape[-1] - 1)
+    (prod_hi, prod_lo, _, _), _ = jax.lax.scan(multiply_offset, (hi_BxT, lo_BxT, hi_BxT, lo_BxT), None, length=steps)
     key_BxT = _int64_floormod(prod_hi, prod_lo, TABLE_SIZE).astype(jnp.int32)
     table = default_table() if table is None else table
     table = jnp.asarray(table, jnp.float32)
@@ -329,8 +352,6 @@ def goldfish_mask(targets_BxT, config: GoldfishConfig, *, positions_BxT=None, co
     return drop_BxT
 
 
-
-
 def check_like(x, targets_BxT, name: str):
     """``x`` as an array of the targets' shape, or a ValueError naming the argument."""
     x = jnp.asarray(x)
@@ -343,10 +364,6 @@ def check_like(x, targets_BxT, name: str):
 # ---------------------------------------------------------------------------------------------
 # Positions for pipelines that have none.
 
-# Position given to the targets of a row's leading, continued document (one that began before the
-# row): any value >= h means "full window", so ``hash`` drops the first h of them unless
-# ``context_BxC`` supplies their predecessors. 2**20 leaves room for rows of ~10**9 columns.
-CONTINUED = 2**20
 
 
 def _positions_from_starts(starts_BxT, row_starts_document: bool):

@@ -5,7 +5,9 @@ Measures, side by side in one run (ratios, because these machines are noisy):
   2. cost of goldfish loss (mask + masked mean) over plain mean cross-entropy, forward+backward
      w.r.t. the logits, timed interleaved;
   3. compiled peak temporary memory of plain vs chunked loss (forward+backward from hidden states
-     and the output projection), from XLA's memory analysis (no allocation needed).
+     and the output projection), from XLA's memory analysis (no allocation needed);
+  4. compile time and run time of the ``hash`` mask for several hash windows h (``--windows``):
+     the window is a scan, so compile time stays flat in h.
 
     python scripts/bench_mask.py                       # B=8, T=2048, V=32000
     python scripts/bench_mask.py --batch 2 --seq 512 --vocab 8000
@@ -43,6 +45,21 @@ def interleaved(fns: dict, args, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def hash_window_costs(targets_BxT, positions_BxT, windows: list[int]) -> dict:
+    """Compile seconds and run milliseconds of the ``hash`` mask at each window ``h``."""
+    print("\nhash mask by window h (compile once, then the median of 5 calls)")
+    out = {}
+    for h in windows:
+        fn = jax.jit(lambda t, p, h=h: goldfish_mask(t, GoldfishConfig(h=h), positions_BxT=p))
+        started = time.perf_counter()
+        compiled = fn.lower(targets_BxT, positions_BxT).compile()
+        compile_s = time.perf_counter() - started
+        run_s = statistics.median(timed(compiled, targets_BxT, positions_BxT) for _ in range(5))
+        print(f"  h={h:5d}  compile {compile_s:6.2f} s   run {run_s * 1e3:8.2f} ms")
+        out[h] = {"compile_s": compile_s, "run_ms": run_s * 1e3}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -50,6 +67,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--d-model", type=int, default=2048, help="hidden width for the memory comparison")
     parser.add_argument("--chunks", default="128,256,512", help="chunk sizes of the chunked loss, comma separated")
+    parser.add_argument("--windows", default="13,50,256,1024", help="hash windows h of section 4, comma separated")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -127,6 +145,7 @@ def main():
         ratio = plain_peak / chunked_peak
         print(f"  chunked ({chunk:5d}) {chunked_peak / 2**20:9.1f} MiB   plain/chunked = {ratio:.1f}x")
         results["peak_mib"][f"chunked_{chunk}"] = chunked_peak / 2**20
+    results["hash_windows"] = hash_window_costs(targets_BxT, positions_BxT, [int(h) for h in args.windows.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

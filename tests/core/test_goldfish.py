@@ -128,6 +128,70 @@ def test_every_window_token_matters_and_nothing_beyond_it():
         assert np.array_equal(np.asarray(goldfish_mask(changed, cfg))[:, -1], base), col
 
 
+def _murmur_reference(window, seed):
+    """The documented hash in plain Python integers: murmur3 blocks over the window (nearest
+    predecessor first), salted by the seed, finalised with the window length mixed in."""
+    m32 = 0xFFFFFFFF
+
+    def rotl(x, r):
+        return ((x << r) | (x >> (32 - r))) & m32
+
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & m32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & m32
+        return x ^ (x >> 16)
+
+    acc = fmix(seed ^ 0x9E3779B9)
+    for word in window:
+        word = rotl((word * 0xCC9E2D51) & m32, 15)
+        acc = rotl(acc ^ ((word * 0x1B873593) & m32), 13)
+        acc = (acc * 5 + 0xE6546B64) & m32
+    return fmix(acc ^ len(window))
+
+
+@pytest.mark.parametrize("h", [1, 5, 13, 40, 200])
+def test_context_hash_equals_a_plain_python_reference(h):
+    """Every complete target's hash is the reference hash of its own window, whatever h is (also
+    h beyond the row plus its context), with and without row context."""
+    rng = np.random.default_rng(h)
+    B, T, C = 3, 48, 24
+    targets = rng.integers(0, 40000, (B, T)).astype(np.int32)
+    context = rng.integers(0, 40000, (B, C)).astype(np.int32)
+    starts = np.array([0, 7, 300])  # each row's first target's position in its document
+    positions = (np.arange(T)[None] + starts[:, None]).astype(np.int32)
+    for ctx in (None, context):
+        hashes, complete = goldfish.context_hash(jnp.asarray(targets), jnp.asarray(positions), h, 9,
+                                                 None if ctx is None else jnp.asarray(ctx))
+        hashes, complete = np.asarray(hashes), np.asarray(complete)
+        for b in range(B):
+            row = ([] if ctx is None else list(ctx[b])) + list(targets[b])
+            offset = 0 if ctx is None else C
+            for t in range(T):
+                n = min(int(positions[b, t]), h)
+                expected_complete = n <= t + offset
+                assert complete[b, t] == expected_complete, (b, t)
+                if expected_complete:
+                    window = [int(row[offset + t - j]) for j in range(1, n + 1)]
+                    assert int(hashes[b, t]) == _murmur_reference(window, 9), (b, t, n)
+
+
+def test_the_compiled_mask_does_not_grow_with_the_hash_window():
+    """The window is a scan: the traced program of h = 1024 is as large as that of h = 13 (an
+    unrolled window made compile time grow with h: 47 s at h = 256 in a training step)."""
+    targets = jnp.zeros((2, 64), jnp.int32)
+    context = jnp.zeros((2, 32), jnp.int32)
+
+    def size(strategy, h):
+        cfg = GoldfishConfig(strategy=strategy, h=h)
+        jaxpr = jax.make_jaxpr(lambda t, c: goldfish_mask(t, cfg, positions_BxT=t + 100, context_BxC=c))(targets, context)
+        return len(str(jaxpr).splitlines())  # equations, nested ones included (constants may differ)
+
+    for strategy in ("hash", "hash-table"):
+        assert size(strategy, 1024) == size(strategy, 13), strategy
+
+
 def test_seed_salts_the_hash():
     targets = _random_ids((16, 4096), 32000, seed=5)
     a = np.asarray(goldfish_mask(targets, GoldfishConfig(k=4, seed=0)))
@@ -483,7 +547,8 @@ def test_chunked_loss_never_materialises_full_logits():
         (dict(strategy="hash2"), "none, static, hash, hash-table, random"),
         (dict(k=1), "k must be >= 2"),
         (dict(k=2.5), "k must be an integer"),
-        (dict(h=0), "h (context width) must be >= 1"),
+        (dict(h=0), "h (context width) must be in [1, 1048576]"),
+        (dict(h=2**20 + 1), "h (context width) must be in [1, 1048576]"),
         (dict(seed=-1), "seed must be in [0, 2**32)"),
         (dict(k=4, start=4), "start must be in [0, k)"),
         (dict(never_drop_ids=("eos",)), "never_drop_ids must be a list of integer token ids"),
