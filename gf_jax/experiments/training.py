@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 from gf_jax.train.tracker import read_metrics
@@ -18,13 +16,13 @@ def train_arm(config, *, devices, fresh: bool = False):
     """Trains one arm (resuming its run directory if it has checkpoints); returns
     (model, mesh, summary) with the trained model in memory on the training mesh.
 
-    ``train.init_from`` in ``config`` starts a new run from another run's parameters.
+    ``train.init_from`` in ``config`` starts a new run from another run's parameters. ``fresh``
+    retrains an arm whose run directory exists: the trainer takes the run's lock before it removes
+    anything, so a run still training there is refused, never deleted.
     """
     run_dir = config.train.run_dir
-    if fresh and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
     started = time.perf_counter()
-    trainer = Trainer(config, devices=devices, log=None)
+    trainer = Trainer(config, devices=devices, log=None, fresh=fresh)
     resumed_from = trainer.resume_step
     summary = trainer.run()
     model, mesh = trainer.model, trainer.mesh

@@ -26,11 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--peft", action="store_true",
                     help="LoRA runs: the adapters only, as a PEFT directory (adapter_config.json, "
                          "adapter_model.safetensors) for peft and vLLM")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace OUT_DIR whole when it holds an earlier export (never a folder of other files)")
     im = sub.add_parser("import", help="a run directory at step 0 from a Hugging Face model directory")
     im.add_argument("hf_dir")
     im.add_argument("run_dir")
     im.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="dtype the run stores its parameters in (default float32, for training)")
+    im.add_argument("--overwrite", action="store_true",
+                    help="replace RUN_DIR whole when it holds an earlier import that was not trained since")
     return p
 
 
@@ -42,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run(args) -> None:
     if args.command == "export":
         files = export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
-                           merge_lora=args.merge_lora, peft=args.peft)
+                           merge_lora=args.merge_lora, peft=args.peft, overwrite=args.overwrite)
         print(f"{args.out_dir}: {', '.join(files)}")
     else:
-        print(f"{import_to_run(args.hf_dir, args.run_dir, param_dtype=args.param_dtype)}: step 0")
+        run_dir = import_to_run(args.hf_dir, args.run_dir, param_dtype=args.param_dtype, overwrite=args.overwrite)
+        print(f"{run_dir}: step 0")

@@ -24,6 +24,7 @@ from gf_jax.hf.safetensors_io import MAX_SHARD_BYTES, NUMPY_DTYPES, write_sharde
 from gf_jax.model import layers
 from gf_jax.tokenizer.hf_tokenizer import TOKENIZER_FILES
 from gf_jax.util import paths
+from gf_jax.util.staging import check_target, staged_folder
 
 
 def _hf_order(path: tuple) -> tuple:
@@ -102,12 +103,13 @@ def write_tokenizer(tokenizer, out_dir: str, source_dir: str | None, add_bos: bo
 
 
 def export_model(model, tokenizer, out_dir: str, *, dtype: str | None = None, source_dir: str | None = None,
-                 add_bos: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+                 add_bos: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
     """Writes ``model`` (a gf_jax Transformer) and ``tokenizer`` as a Hugging Face directory.
 
     ``dtype``: of the written weights (default: the model's param_dtype). ``source_dir``: the
     HF metadata the model was imported from (its config.json keys and tokenizer files are kept).
-    Returns the file names written.
+    ``out_dir`` must be new or empty, or an earlier export with ``overwrite`` (replaced whole);
+    it appears only once complete (``gf_jax.util.staging``). Returns the file names written.
     """
     config = model.config
     if config.lora.enabled:
@@ -116,17 +118,22 @@ def export_model(model, tokenizer, out_dir: str, *, dtype: str | None = None, so
     dtype = dtype or config.param_dtype
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(NUMPY_DTYPES)}, got {dtype!r}.")
-    os.makedirs(out_dir, exist_ok=True)
+    check_target(out_dir, overwrite=overwrite, what="hf export")
+    with staged_folder(out_dir, marker={"kind": "hf export"}) as tmp:
+        return _write_model(model, tokenizer, tmp, dtype, source_dir, add_bos, max_shard_bytes)
+
+
+def _write_model(model, tokenizer, out_dir, dtype, source_dir, add_bos, max_shard_bytes) -> list[str]:
     base = hf_config.read_config(source_dir) if source_dir else None
     ids = _special_ids(tokenizer)
     files = write_sharded(out_dir, tensor_specs(model, dtype), max_shard_bytes=max_shard_bytes)
     paths.write_json(os.path.join(out_dir, "config.json"),
-                hf_config.hf_config_from_model(config, dtype=dtype, special_ids=ids, base=base))
+                     hf_config.hf_config_from_model(model.config, dtype=dtype, special_ids=ids, base=base))
     generation = os.path.join(source_dir, "generation_config.json") if source_dir else None
     if generation and os.path.isfile(generation):
         shutil.copyfile(generation, os.path.join(out_dir, "generation_config.json"))
     else:
         paths.write_json(os.path.join(out_dir, "generation_config.json"),
-                    {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}})
+                         {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}})
     write_tokenizer(tokenizer, out_dir, source_dir, add_bos)
     return [*files, "config.json", "generation_config.json"]

@@ -26,6 +26,7 @@ from gf_jax.hf.safetensors_io import NUMPY_DTYPES, SafetensorsReader, write_file
 from gf_jax.model.config import LORA_TARGETS as TARGETS
 from gf_jax.model.config import LoRAConfig
 from gf_jax.util import paths
+from gf_jax.util.staging import check_target, staged_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,8 +74,9 @@ def adapter_config(lora: LoRAConfig, base_name: str) -> dict:
     }
 
 
-def export_peft(model, out_dir: str, *, base_name: str, dtype: str = "float32") -> list[str]:
-    """Writes ``model``'s adapters as a PEFT directory; returns the file names written."""
+def export_peft(model, out_dir: str, *, base_name: str, dtype: str = "float32", overwrite: bool = False) -> list[str]:
+    """Writes ``model``'s adapters as a PEFT directory (new or empty, or an earlier export with
+    ``overwrite``; it appears only once complete); returns the file names written."""
     if not model.config.lora.enabled:
         raise ValueError("the model has no LoRA adapters (model.lora.rank is 0); export it without --peft.")
     np_dtype = NUMPY_DTYPES[dtype]
@@ -83,9 +85,10 @@ def export_peft(model, out_dir: str, *, base_name: str, dtype: str = "float32") 
     for layer, target, matrix in sorted(arrays, key=lambda k: (k[0], TARGETS.index(k[1]), k[2])):
         hf = arrays[(layer, target, matrix)].T  # ours I x r / r x O -> PEFT's r x I / O x r
         specs.append((tensor_name(layer, target, matrix), hf.shape, np_dtype, lambda hf=hf: hf.astype(np_dtype)))
-    os.makedirs(out_dir, exist_ok=True)
-    write_file(os.path.join(out_dir, WEIGHTS_FILE), specs, {"format": "pt"})
-    paths.write_json(os.path.join(out_dir, CONFIG_FILE), adapter_config(model.config.lora, base_name))
+    check_target(out_dir, overwrite=overwrite, what="hf export --peft")
+    with staged_folder(out_dir, marker={"kind": "hf export --peft"}) as tmp:
+        write_file(os.path.join(tmp, WEIGHTS_FILE), specs, {"format": "pt"})
+        paths.write_json(os.path.join(tmp, CONFIG_FILE), adapter_config(model.config.lora, base_name))
     return [WEIGHTS_FILE, CONFIG_FILE]
 
 

@@ -10,6 +10,8 @@ comes from (``gf_jax.run.source``) or what a LoRA run saves (``gf_jax.run.adapte
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +47,9 @@ class Checkpointer:
             cleanup_tmp_directories=clean_up,
         )
         self._manager_or_none = None
+        self._in_flight: int | None = None  # the step whose background write has not been waited for
+        self._last_intact: int | None = None  # the newest step known to be completely on disk
+        self.failed: CheckpointSaveError | None = None
 
     def _manager_if_any(self):
         """The CheckpointManager, opened only once ``checkpoints/`` exists or a save needs it: Orbax
@@ -91,7 +96,9 @@ class Checkpointer:
         """Saves (asynchronously unless disabled) and returns once the arrays are off the devices.
 
         ``loop_state`` is JSON: the data iterator's state and the training counters;
-        ``opt_state`` may be None to save parameters only.
+        ``opt_state`` may be None to save parameters only. A save that fails (here, or in the
+        background and found by the next save, ``wait`` or ``close``) raises CheckpointSaveError:
+        one sentence naming the run, the step and the newest intact checkpoint.
         """
         items = dict(
             model=ocp.args.StandardSave(model_state),
@@ -100,7 +107,12 @@ class Checkpointer:
         )
         if opt_state is not None:  # None: parameters only (e.g. an exported model)
             items["optimizer"] = ocp.args.StandardSave(opt_state)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # the previous save's background write: its failure is named by its own step
+        if self._last_intact is None:
+            self._last_intact = self.latest_step()
+        self._in_flight = step
+        with self._naming_failures():
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, *, abstract_model, abstract_opt=None) -> dict[str, Any]:
         """Restores ``step``: model (and optimizer, when its abstract state is given), loop and
@@ -122,6 +134,10 @@ class Checkpointer:
                 if abstract is not None:
                     out[name] = layers.convert(out[name], abstract, consume=True)
         return out
+
+    def has_optimizer(self, step: int) -> bool:
+        """Whether checkpoint ``step`` holds optimizer state (``hf import`` saves parameters only)."""
+        return paths.exists(paths.join(self.directory, str(step), "optimizer"))
 
     def saved_config(self, step: int) -> dict:
         """The run config (a plain dict) saved with ``step``."""
@@ -183,18 +199,72 @@ class Checkpointer:
             self._manager_or_none.reload()
 
     def wait(self) -> None:
-        """Blocks until every pending background save is on disk."""
-        if self._manager_or_none is not None:
-            self._manager_or_none.wait_until_finished()
+        """Blocks until every pending background save is on disk (CheckpointSaveError if one failed)."""
+        if self._manager_or_none is not None and self.failed is None:
+            with self._naming_failures():
+                self._manager_or_none.wait_until_finished()
+            if self._in_flight is not None:
+                self._last_intact, self._in_flight = self._in_flight, None
 
     def close(self) -> None:
-        if self._manager_or_none is not None:
-            self._manager_or_none.wait_until_finished()
-            self._manager_or_none.close()
+        """Waits for the pending save and closes; after a failed save it closes quietly (the failure
+        has been raised once already)."""
+        if self._manager_or_none is None:
+            return
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager_or_none.close()
+            except Exception:  # noqa: BLE001 - only after a failed save, which was raised already
+                if self.failed is None:
+                    raise
+
+    def newest_intact_text(self) -> str:
+        """``"the newest intact checkpoint is step N"`` (or that there is none yet), for messages."""
+        last = self._last_intact if self._last_intact is not None or self.failed else self.latest_step()
+        return _newest_text(last)
+
+    @contextlib.contextmanager
+    def _naming_failures(self):
+        """Turns any failure of Orbax's save into one CheckpointSaveError (raised once)."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+            if self.failed is not None:
+                raise self.failed from None
+            self.failed = CheckpointSaveError(_save_failure(self.run_dir, self._in_flight, self._last_intact, e))
+            raise self.failed from None
 
 
 def _warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost bucket); the message is one sentence."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or its cause) is a full disk: ENOSPC, or TensorStore's message for it."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _save_failure(run_dir: str, step: int | None, last_intact: int | None, e: BaseException) -> str:
+    if is_disk_full(e):
+        why, fix = "the disk is full", "free some space"
+    else:
+        why, fix = _why(e), "fix that"
+    return (f"saving checkpoint step {step} of {run_dir} failed ({why}); {_newest_text(last_intact)}: {fix}, "
+            "then run the same command again to continue from there.")
+
+
+def _newest_text(step: int | None) -> str:
+    return f"the newest intact checkpoint is step {step}" if step is not None else "no checkpoint of it is intact yet"
 
 
 class CorruptCheckpointError(ValueError):

@@ -22,6 +22,7 @@ from gf_jax.hf import METADATA_FILES
 from gf_jax.tokenizer import HFTokenizer
 from gf_jax.tokenizer.hf_tokenizer import TOKENIZER_JSON
 from gf_jax.util import paths
+from gf_jax.util.staging import MARKER
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +33,12 @@ CORRUPT_SUBDIR = "corrupt_checkpoints"
 LOCK_FILE = "run.lock"
 TENSORBOARD_SUBDIR = "tensorboard"
 EVAL_SUBDIR = "eval"
+# What a run that saved no checkpoint leaves behind (a failed start, a NaN before the first save, an
+# interrupted import); a new run in the same directory replaces them, never adopts them.
+LEFTOVERS = (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, HF_SUBDIR, TENSORBOARD_SUBDIR, CHECKPOINTS_SUBDIR)
+# Kept as they are by a new run: reports, checkpoints set aside, the lock (gf_jax.run.lock owns it),
+# the marker of a run directory written by ``hf import``.
+KEPT = (EVAL_SUBDIR, CORRUPT_SUBDIR, LOCK_FILE, MARKER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,35 @@ class RunDir:
         if any(paths.exists(paths.join(self.hf, name)) for name in (TOKENIZER_JSON, TOKENIZER_FILE)):
             return self.hf
         return None
+
+    def replaceable(self, *, fresh: bool) -> list[str]:
+        """What a new run in this directory replaces: the leftovers of a run that saved no checkpoint
+        (``LEFTOVERS``; an empty ``checkpoints/`` stays), and with ``fresh`` (start over) also the
+        checkpoints and reports of a finished one. Raises a one-sentence ValueError when the directory
+        holds anything a gf_jax run does not write (somebody's files are never removed)."""
+        names = self._entries()
+        foreign = [n for n in names if n not in LEFTOVERS + KEPT]
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise ValueError(
+                f"{self.path} holds files a gf_jax run does not write ({shown}); choose a new train.run_dir "
+                "(nothing was written)."
+            )
+        if fresh:
+            return [n for n in names if n not in (LOCK_FILE, MARKER)]
+        return [n for n in names if n in LEFTOVERS and n != CHECKPOINTS_SUBDIR]
+
+    def _entries(self) -> list[str]:
+        """The names in this directory (a bucket: only those a run writes; it lists slowly)."""
+        if paths.is_url(self.path):
+            return [name for name in LEFTOVERS + KEPT if paths.exists(self.file(name))]
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(n for n in os.listdir(self.path) if not n.startswith("."))
+
+    def remove(self, name: str) -> None:
+        """Removes the file or folder ``name`` of this run directory (local; a URL: the object)."""
+        paths.remove_tree(self.file(name))
 
     def hf_metadata(self) -> str | None:
         """``RUN/hf`` when it holds an HF model's ``config.json`` (a run made from an HF model), else None."""

@@ -91,7 +91,8 @@ def saved_run_config(source: ModelSource) -> RunConfig:
     """The run config saved with a run source's checkpoint (its ``@STEP``, else the newest)."""
     ckpt = Checkpointer(source.path, async_save=False)
     try:
-        return config_from_dict(ckpt.saved_config(source.checkpoint_step(ckpt)))
+        # A junk or damaged checkpoint is one sentence naming its step, not Orbax's KeyError.
+        return config_from_dict(ckpt.restore_step(source.checkpoint_step(ckpt), ckpt.saved_config))
     finally:
         ckpt.close()
 

@@ -76,7 +76,14 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for a bad file
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(
+                f"{path} is not a Hugging Face tokenizer.json ({why}); "
+                "set data.tokenizer to a tokenizer.json, a folder holding one, or a sentencepiece .model file."
+            ) from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         ids = special_ids(os.path.dirname(os.path.abspath(path)), self._tok.token_to_id)
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]

@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 
 from gf_jax.batch import Batch
 from gf_jax.config import RunConfig, save_config, to_dict
-from gf_jax.data import check_vocab_fits, task_for, to_global_batch
-from gf_jax.data.tasks import corpus_tokenizer
+from gf_jax.data import task_for, to_global_batch
 from gf_jax.loss import LossSums
 from gf_jax.model import sharding as sharding_lib
 from gf_jax.model.counting import flops_per_token
@@ -39,37 +38,15 @@ from gf_jax.run import adapters, distributed, init_from
 from gf_jax.run.checkpoint import Checkpointer, check_compatible
 from gf_jax.run.distributed import is_main_process
 from gf_jax.run.lock import RunDirInUse, RunLock
-from gf_jax.run.rundir import RunDir, tokenizer_identity_file, write_tokenizer_copy
+from gf_jax.run.rundir import RunDir, write_tokenizer_copy
 from gf_jax.run.source import ModelSource
-from gf_jax.tokenizer import load_tokenizer
+from gf_jax.train import setup
 from gf_jax.train.hooks import Hook, StopSignal
 from gf_jax.train.step import make_step_functions
 from gf_jax.train.tracker import NonFiniteLossError, Tracker, format_record, make_writers, peak_tflops
 from gf_jax.util import paths
 
-__all__ = ["Trainer", "NonFiniteLossError", "resolve_tokenizer"]
-
-
-def resolve_tokenizer(config: RunConfig, run_dir: str):
-    """The run's tokenizer: ``data.tokenizer``, else the run directory's copy (resume), else one
-    trained on the corpus (cached). Returns (tokenizer, path of the run directory's copy); the
-    copy is written by the trainer once every check has passed."""
-    run = RunDir(run_dir)
-    existing = run.tokenizer_copy()
-    if config.data.tokenizer:
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        if existing and not paths.same_content(tokenizer_identity_file(existing), tokenizer.path):
-            if paths.absolute(existing) != paths.absolute(config.data.tokenizer):
-                raise ValueError(
-                    f"{run_dir} was trained with a different tokenizer ({existing}) than data.tokenizer="
-                    f"{config.data.tokenizer}; drop the data.tokenizer setting or choose a new train.run_dir."
-                )
-    elif existing:
-        tokenizer = load_tokenizer(existing)
-    else:
-        tokenizer = corpus_tokenizer(config.data)
-    check_vocab_fits(tokenizer, config.model.vocab_size)
-    return tokenizer, existing or run.tokenizer_copy_path(tokenizer)
+__all__ = ["Trainer", "NonFiniteLossError"]
 
 
 class Trainer:
@@ -80,10 +57,14 @@ class Trainer:
       config: a RunConfig (``gf_jax.config.load_config``).
       devices: the devices of the mesh (default: all).
       log: where console lines go (default: the progress bar's ``write``).
+      fresh: start over in a run directory that holds an earlier run (its checkpoints, metrics and
+        reports are removed once the lock is held and every check has passed).
     """
 
-    def __init__(self, config: RunConfig, *, devices=None, log: Callable[[str], None] | None = None):
+    def __init__(self, config: RunConfig, *, devices=None, log: Callable[[str], None] | None = None,
+                 fresh: bool = False):
         self.lock = None
+        self.fresh = fresh
         self.checkpointer = None
         self.train_iter = None
         self.tracker = None
@@ -108,8 +89,9 @@ class Trainer:
         self.base_record = adapters.base_record(config)
         self.resume_step = self._check_resume(config)
         self.mesh = sharding_lib.make_mesh(config.mesh, devices)
-        self._check_batch_fits_mesh(config)
-        self.tokenizer, tokenizer_copy = resolve_tokenizer(config, self.run_dir)
+        setup.check_batch_fits_mesh(config, self.mesh)
+        # A run adopts the tokenizer in its directory only when it continues its own checkpoints.
+        self.tokenizer, tokenizer_copy = setup.resolve_tokenizer(config, self.run_dir, adopt=bool(self._all_steps))
         with open(self.tokenizer.path, "rb") as f:  # every process must cut text into the same ids
             distributed.check_same_on_all_processes(
                 hashlib.sha256(f.read()).hexdigest(),
@@ -138,32 +120,36 @@ class Trainer:
 
     def _check_resume(self, config: RunConfig) -> int | None:
         """The step to resume from (None: a new run); a different model fails before anything compiles.
-        A checkpoint whose config does not read is skipped (see ``_setup_state``)."""
+        A checkpoint whose config does not read is skipped (see ``_setup_state``). A new run lists
+        what an earlier one left here (replaced once every check has passed; somebody else's files
+        are refused); a checkpoint of parameters only (``hf import``) is a start, not a resume."""
         t = config.train
         self.checkpointer = Checkpointer(self.run_dir, keep=t.keep_ckpts, async_save=t.async_checkpoint,
                                          clean_up=True)  # this process holds the run's lock
+        self.params_step, self._replaced = None, []
+        if self.fresh:  # the checkpoints are not even opened: they are removed before the first save
+            self._all_steps = []
+            self._replaced = RunDir(self.run_dir).replaceable(fresh=True)
+            return None
         self._all_steps = self.checkpointer.all_steps()
         if not self._all_steps:
+            self._replaced = RunDir(self.run_dir).replaceable(fresh=False)
             return None
         step, saved = self.checkpointer.restore_newest_good(self.checkpointer.saved_config, self._all_steps,
                                                             log=self.log)
         check_compatible(saved["model"], config.model, self.run_dir)
         adapters.check_same_adapters(saved["model"], config.model, self.run_dir)
+        if not self.checkpointer.has_optimizer(step):
+            self.params_step = step
+            return None
         return step
-
-    def _check_batch_fits_mesh(self, config: RunConfig) -> None:
-        t = config.train
-        n_batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        micro = t.global_batch // t.grad_accum
-        if micro % n_batch_shards:
-            raise ValueError(
-                f"a micro-batch of {micro} sequences (train.global_batch / train.grad_accum) cannot "
-                f"be split over {n_batch_shards} data x fsdp shards; make it a multiple of {n_batch_shards}."
-            )
 
     def _setup_data(self) -> None:
         t = self.config.train
         self.train_iter = self.task.train_iterator(self.tokenizer, global_batch=t.global_batch, seq_len=t.seq_len)
+        warning = setup.corpus_warning(self.train_iter)
+        if warning:
+            self.log(warning)
         # The loop state is written by process 0 only; each process's data stream differs, so it
         # carries every process's fingerprint and each one resumes checking its own.
         self.data_fingerprints = distributed.allgather_str(str(self.train_iter.get_state().get("fingerprint", "")))
@@ -193,6 +179,10 @@ class Trainer:
         self.step = 0
         self.model_state, self.opt_state = self.fns.init()
         fns, t = self.fns, self.config.train
+        if self.params_step is not None:  # a run made by ``hf import``: its parameters, a fresh optimizer
+            self.start_from(self._restore_params(self.params_step))
+            self.log(f"[gf_jax.train] parameters from checkpoint step {self.params_step} of {self.run_dir} "
+                     "(imported; fresh optimizer)")
         if t.init_from:
             self.start_from(adapters.base_params(t.init_from, fns.abstract_model_state, fns.model_shardings,
                                                  self.config.model))
@@ -200,6 +190,13 @@ class Trainer:
         if t.init_adapters:
             self.start_from(adapters.peft_adapters(t.init_adapters, fns.abstract_model_state, fns.model_shardings))
             self.log(f"[gf_jax.train] LoRA adapters from {t.init_adapters}")
+
+    def _restore_params(self, step: int):
+        """The parameters of checkpoint ``step`` (one saved without optimizer state)."""
+        abstract_model = abstract_with_shardings(self.fns.abstract_model_state, self.fns.model_shardings)
+        saved = adapters.saved_part(abstract_model, self.config.model)
+        return self.checkpointer.restore_step(
+            step, lambda s: self.checkpointer.restore(s, abstract_model=saved))["model"]
 
     def _restore_state(self) -> None:
         """The newest checkpoint at or below the resume step that restores (a LoRA run's adapters
@@ -219,7 +216,7 @@ class Trainer:
         if self.config.model.lora.enabled:
             self.model_state = adapters.with_base(self.model_state, loop.get("lora_base"), self.config.train.init_from,
                                                   abstract_model, self.config.model, self.run_dir)
-        self.train_iter.set_state(self._own_data_state(loop))
+        self.train_iter.set_state(setup.own_data_state(loop, self.run_dir))
         self.supervised_tokens_at_start = int(loop["supervised_tokens"])
         self.input_tokens_at_start = int(loop["input_tokens"])
         self.step = self.resume_step
@@ -236,6 +233,12 @@ class Trainer:
             self.checkpointer.reload()
         if not is_main_process():
             return
+        run = RunDir(self.run_dir)
+        for name in self._replaced:  # an earlier run's files (listed by _check_resume): never adopted
+            run.remove(name)
+        if self._replaced:
+            self.log(f"[gf_jax.train] {'--fresh: ' if self.fresh else ''}replaced what an earlier run left in "
+                     f"{self.run_dir}: {', '.join(self._replaced)}")
         paths.makedirs(self.run_dir)
         if not paths.exists(tokenizer_copy):
             init = self.config.train.init_from
@@ -264,20 +267,6 @@ class Trainer:
         self.add_hook(self._checkpoint_hook, every=t.ckpt_every, name="checkpoint")
         if t.eval_every > 0:
             self.add_hook(self._eval_hook, every=t.eval_every, name="eval")
-
-    def _own_data_state(self, loop: dict) -> dict:
-        """This process's data-iterator state from a checkpoint's loop state."""
-        state = dict(loop["data"])
-        fingerprints = loop.get("data_fingerprints")
-        if fingerprints is not None and "fingerprint" in state:
-            if len(fingerprints) != jax.process_count():
-                raise ValueError(
-                    f"{self.run_dir} was trained by {len(fingerprints)} processes and this run has "
-                    f"{jax.process_count()}; resume it with {len(fingerprints)} processes (each one's data "
-                    "stream depends on it), or read its parameters anywhere with gf_jax.run.load.load_model."
-                )
-            state["fingerprint"] = fingerprints[jax.process_index()]
-        return state
 
     # ---- public API ----------------------------------------------------------------------------
 
@@ -432,9 +421,14 @@ class Trainer:
         try:
             self.tracker.read_back(self.step)
         except NonFiniteLossError as e:
+            if self._last_saved is None:  # nothing to resume: the same command starts over
+                raise NonFiniteLossError(
+                    f"{e}; stopped before the first checkpoint was saved; lower optimizer.lr or raise "
+                    "optimizer.warmup, then run the same command again (it starts over)."
+                ) from None
             raise NonFiniteLossError(
                 f"{e}; stopped without saving (last good checkpoint: step {self._last_saved}); lower "
-                "optimizer.lr or raise optimizer.warmup, then resume."
+                "optimizer.lr or raise optimizer.warmup, then run the same command again to resume from it."
             ) from None
         for hook in due:
             hook.fn(self.step)

@@ -11,14 +11,21 @@ full traceback instead, for debugging gf_jax itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 USER_ERRORS = (ValueError, OSError)
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130
+# Messages of failures that the command reports itself, in one sentence: a full disk under Orbax's
+# writer threads (TensorStore's RESOURCE_EXHAUSTED), the event loops they close, and Orbax's warning
+# about a checkpoint folder without metadata (reported as "checkpoint step N does not restore").
+_NOISE = ("No space left on device", "os_error_code='28'", "Event loop is closed", "Metadata file does not exist")
 
 
 def one_line(error: BaseException) -> str:
@@ -36,6 +43,41 @@ def fail(message: str, status: int = USER_ERROR_STATUS):
     sys.exit(status)
 
 
+def quiet_background_noise() -> None:
+    """Silences what background threads print about a failure the command reports itself (a full
+    disk while a checkpoint is written): log records and exceptions of background threads or C
+    callbacks whose text names it. The main thread's own exceptions are never hidden, everything
+    else is printed as before, and ``GF_JAX_TRACEBACK=1`` keeps it all."""
+    if os.environ.get("GF_JAX_TRACEBACK"):
+        return
+
+    def is_noise(text: str) -> bool:
+        return any(marker in text for marker in _NOISE)
+
+    def log_filter(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not is_noise(text)
+
+    for handler in logging.getLogger().handlers or [logging.lastResort]:
+        if handler is not None:
+            handler.addFilter(log_filter)
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(log_filter)
+    previous_thread_hook, previous_unraisable = threading.excepthook, sys.unraisablehook
+
+    def thread_hook(args) -> None:
+        if not is_noise(str(args.exc_value)):
+            previous_thread_hook(args)
+
+    def unraisable_hook(info) -> None:  # what C callbacks (TensorStore's futures) report through
+        if not is_noise(str(info.exc_value)):
+            previous_unraisable(info)
+
+    threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
+
+
 def run_command(work: Callable[[], T]) -> T:
     """``work()``; a user error or Ctrl-C ends the process with one line (see the module docstring)."""
     if os.environ.get("GF_JAX_TRACEBACK"):
@@ -46,4 +88,4 @@ def run_command(work: Callable[[], T]) -> T:
         fail(one_line(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_STATUS)

@@ -124,6 +124,21 @@ def move(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
+def remove_tree(path: str) -> None:
+    """Removes a file or folder (local or URL); a missing one is not an error."""
+    if is_url(path):
+        target = _epath(path)
+        if target.is_dir():
+            target.rmtree()
+        elif target.exists():
+            target.unlink()
+        return
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def same_content(a: str, b: str) -> bool:
     return read_bytes(a) == read_bytes(b)
 

@@ -76,7 +76,8 @@ def test_cli_import_and_export(tmp_path):
         assert json.load(f)["torch_dtype"] == "bfloat16"
     again = subprocess.run([sys.executable, "-m", "gf_jax.hf", "import", fixture("qwen3"), run], env=env, cwd=ROOT,
                            capture_output=True, text=True)
-    assert again.returncode == 2 and "already holds checkpoints; choose a new run directory" in again.stderr
+    assert again.returncode == 2 and "holds an earlier hf import output; pass --overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
 
 
 def test_writer_output_reads_with_the_safetensors_library_and_shards(tmp_path):
@@ -136,3 +137,114 @@ def test_evaluate_accepts_a_hugging_face_directory(tmp_path):
     results = evaluate_cli.run(["--run", fixture("llama3"), "--docs", str(docs), "--suffix-len", "8",
                              "--batch-size", "2", "--out", str(tmp_path / "eval")])
     assert list(results) == ["llama3"] and results["llama3"]["memorization"]["aggregate"]
+
+
+# ---- writers never touch somebody's files and never leave half a folder (issue 22) ----------------
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def test_export_refuses_a_folder_of_somebody_elses_files(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "model.safetensors").write_bytes(b"my weights")
+    before = _snapshot(out)
+    model, _, tok = run_load.load_model(fixture("llama3"), param_dtype="float32")
+    for overwrite in (False, True):  # --overwrite replaces an earlier export only, never other files
+        with pytest.raises(ValueError, match="already holds files that hf export did not write"):
+            export.export_model(model, tok, str(out), overwrite=overwrite)
+    assert _snapshot(out) == before
+
+
+def test_export_over_an_earlier_sharded_export_replaces_it_whole(tmp_path):
+    out = str(tmp_path / "out")
+    model, _, tok = run_load.load_model(fixture("llama3"), param_dtype="float32")
+    first = export.export_model(model, tok, out, source_dir=fixture("llama3"), max_shard_bytes=20_000)
+    assert "model.safetensors.index.json" in first
+    other, _, other_tok = run_load.load_model(fixture("llama2"), param_dtype="float32")
+    with pytest.raises(ValueError, match="holds an earlier hf export output; pass --overwrite"):
+        export.export_model(other, other_tok, out, source_dir=fixture("llama2"))
+    second = export.export_model(other, other_tok, out, source_dir=fixture("llama2"), overwrite=True)
+    assert sorted(os.listdir(out)) == sorted([*second, "tokenizer.model", "tokenizer_config.json",
+                                              "gf_jax_written.json"] + [f for f in ("tokenizer.json",)
+                                                                        if os.path.exists(os.path.join(out, f))])
+    assert not any(f.startswith("model-") for f in os.listdir(out))  # no shard of the first export is left
+    reloaded, _, reloaded_tok = run_load.load_model(out, param_dtype="float32")
+    a, b = params(other), params(reloaded)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert reloaded_tok.encode(["Speak, speak."]) == other_tok.encode(["Speak, speak."])
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left
+
+
+def test_export_into_its_own_run_directory_is_refused_before_anything_is_written(tmp_path):
+    run = hf_import.import_to_run(fixture("llama2"), str(tmp_path / "run"))
+    before = _snapshot(run)
+    for target in (run, os.path.join(run, "export")):
+        with pytest.raises(ValueError, match="inside"):
+            export_run(run, target)
+    assert _snapshot(run) == before and not os.path.exists(os.path.join(run, "export"))
+    with pytest.raises(ValueError, match="writes to a local folder"):
+        export_run(run, "gs://bucket/export")
+
+
+def test_an_export_that_fails_midway_leaves_the_target_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    parent_before = sorted(os.listdir(tmp_path))
+    stale = tmp_path / ".out.partial-999999999-x"  # left by a SIGKILLed export (no such process)
+    stale.mkdir()
+    (stale / "model.safetensors.tmp").write_bytes(b"\0" * 4096)
+    model, _, tok = run_load.load_model(fixture("llama3"), param_dtype="float32")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_tokenizer", disk_full)
+    with pytest.raises(OSError, match="the disk is full; .* was left as it was"):
+        export.export_model(model, tok, str(out), source_dir=fixture("llama3"))
+    assert sorted(os.listdir(tmp_path)) == parent_before  # no half export, and the stale one is gone
+    monkeypatch.undo()
+    export.export_model(model, tok, str(out), source_dir=fixture("llama3"))
+    assert os.path.isfile(out / "tokenizer.json") and os.path.getsize(out / "tokenizer.json") > 0
+
+
+def test_import_refuses_somebody_elses_folder_and_an_earlier_import_without_overwrite(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("my: settings\n")
+    with pytest.raises(ValueError, match="already holds files that hf import did not write"):
+        hf_import.import_to_run(fixture("llama2"), str(run))
+    assert _snapshot(run) == {"config.yaml": b"my: settings\n"}
+    fresh = str(tmp_path / "fresh")
+    hf_import.import_to_run(fixture("llama2"), fresh)
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        hf_import.import_to_run(fixture("llama3"), fresh)
+    hf_import.import_to_run(fixture("llama3"), fresh, overwrite=True)  # replaced whole
+    assert os.path.isfile(os.path.join(fresh, "hf", "tokenizer.json"))
+    assert not os.path.exists(os.path.join(fresh, "hf", "tokenizer.model"))  # llama2's is gone
+    os.makedirs(os.path.join(fresh, "checkpoints", "5"))  # trained since: never replaced
+    with pytest.raises(ValueError, match="trained since it was imported"):
+        hf_import.import_to_run(fixture("llama3"), fresh, overwrite=True)
+
+
+def test_a_failed_import_writes_nothing_and_can_be_retried(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+
+    def bad_weights(*args, **kwargs):
+        raise ValueError("model.safetensors is truncated")
+
+    monkeypatch.setattr(load, "load_model", bad_weights)
+    with pytest.raises(ValueError, match="truncated"):
+        hf_import.import_to_run(fixture("llama3"), run)
+    assert os.listdir(tmp_path) == []  # no RUN/hf a later run could adopt
+    monkeypatch.undo()
+    assert hf_import.import_to_run(fixture("llama3"), run) == run

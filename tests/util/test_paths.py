@@ -33,14 +33,14 @@ def test_trainer_files_and_tokenizer_live_in_a_bucket(bucket, tmp_path):
     from gf_jax.run.rundir import RunDir
     from gf_jax.run.source import run_tokenizer
     from gf_jax.tokenizer import load_tokenizer, train_from_texts
-    from gf_jax.train import trainer
+    from gf_jax.train import setup
     from gf_jax.train.tracker import JsonlWriter
 
     texts = [f"speech number {i}: to be or not to be, that is the question {i % 7}" for i in range(200)]
     tok_path = train_from_texts(texts, 290, str(tmp_path / "tok"))
     run = "gs://bkt/runs/b"
     config = load_config("configs/tiny.yaml", [f"train.run_dir={run}", f"data.tokenizer={tok_path}"])
-    tokenizer, recorded = trainer.resolve_tokenizer(config, run)
+    tokenizer, recorded = setup.resolve_tokenizer(config, run)
     assert recorded == f"{run}/tokenizer.model"
     assert not paths.exists(recorded)  # the trainer copies it once every check has passed
     paths.makedirs(run)
