@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -184,8 +186,24 @@ def _copy_stream_up(src: str, dst: str) -> None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer, add_bos: bool, add_eos: bool, dtype: str) -> None:
+def _init_worker(tokenizer, add_bos: bool, add_eos: bool, dtype: str, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     _WORKER.update(tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos, dtype=np.dtype(dtype))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A pool worker ends when the preparing process dies, even by SIGKILL (which runs no clean-up
+    and would leave the pool tokenizing for nobody): Linux's PR_SET_PDEATHSIG."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the call above: end now
+        os._exit(1)
 
 
 def _encode(texts: list[str], ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -222,7 +240,7 @@ def _encoded(config: DataConfig, tokenizer, workers: int, dtype: np.dtype) -> It
             yield _encode(texts, ids), ids, at
         return
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
-                                                initargs=args) as pool:
+                                                initargs=(*args, os.getpid())) as pool:
         window: collections.deque = collections.deque()
         for texts, ids, at in _batches(config):
             window.append((pool.submit(_encode, texts, ids), ids, at))

@@ -119,6 +119,10 @@ def _extraction_splits(docs_tokens, doc_ids, suffix_len: int, prefix_len: int | 
         split = extraction_split(tokens, suffix_len=suffix_len, prefix_len=prefix_len,
                                  max_prompt_len=max_prompt_len, eos_id=eos_id)
         (kept.append((doc_id, *split)) if split is not None else skipped.append(doc_id))
+    if skipped and not kept:  # a 0/0 report would read as "nothing memorized"
+        longest = max(len(t) for t in docs_tokens)
+        raise ValueError(f"all {len(skipped)} documents are shorter than suffix_len + 1 = {suffix_len + 1} tokens "
+                         f"(the longest has {longest}); lower --suffix-len or evaluate longer documents.")
     if skipped:
         print(f"[gf_jax.evaluate] skipped {len(skipped)} of {len(docs_tokens)} documents shorter than "
               f"suffix_len + 1 = {suffix_len + 1} tokens (first: {skipped[0]!r}).", file=sys.stderr)

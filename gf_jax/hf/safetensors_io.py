@@ -65,12 +65,28 @@ def weight_files(hf_dir: str) -> dict[str, str]:
 
 
 def _read_header(path: str) -> tuple[dict, int]:
-    """(tensor entries without ``__metadata__``, byte offset of the data section)."""
+    """(tensor entries without ``__metadata__``, byte offset of the data section); a file that is
+    truncated or not safetensors at all is one sentence naming it."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        first = f.read(8)
+        n = struct.unpack("<Q", first)[0] if len(first) == 8 else None
+        if n is None or n > size - 8:
+            raise _damaged(path, f"{size} bytes, too short for its header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise _damaged(path, "its header is not valid JSON") from None
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        begin, end = entry.get("data_offsets", (0, -1))
+        if not 0 <= begin <= end or 8 + n + end > size:
+            raise _damaged(path, f"tensor {name} ends at byte {8 + n + end} of {size}")
     return header, 8 + n
+
+
+def _damaged(path: str, why: str) -> ValueError:
+    return ValueError(f"{path} is truncated or not a safetensors file ({why}); download or export it again.")
 
 
 class _MappedFile:

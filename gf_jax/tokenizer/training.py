@@ -51,7 +51,21 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for line in text.splitlines():
             if line.strip():
-                yield line
+                yield from _pieces(line)
+
+
+def _pieces(line: str, max_bytes: int = _TRAIN_OPTIONS["max_sentence_length"] - 1) -> Iterator[str]:
+    """``line`` cut (at a space where there is one) into pieces of at most ``max_bytes`` UTF-8 bytes:
+    sentencepiece skips longer sentences, and fails outright when every line is longer (minified
+    JSON, one document per line)."""
+    while len(line.encode("utf-8")) > max_bytes:
+        cut = len(line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))  # whole characters
+        space = line.rfind(" ", 0, cut)
+        cut = space + 1 if space > cut // 2 else cut
+        yield line[:cut]
+        line = line[cut:]
+    if line.strip():
+        yield line
 
 
 def _read_inputs(inputs: Sequence[str]) -> list[str]:

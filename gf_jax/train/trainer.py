@@ -416,6 +416,9 @@ class Trainer:
             self.lock.check()
         stopping = stop.requested(self.step)
         due = [hook for hook in self.hooks if hook.due(self.step, end)]
+        if stopping:  # the steps since the last log line are logged, and the step is saved, before stopping
+            due += [hook for hook in self.hooks if hook.name in ("log", "checkpoint") and hook not in due]
+            due.sort(key=self.hooks.index)
         if not (due or stopping):
             return False  # the host runs ahead of the devices; metrics are read back only when needed
         try:
@@ -433,8 +436,6 @@ class Trainer:
         for hook in due:
             hook.fn(self.step)
         if stopping:
-            if not any(hook.name == "checkpoint" for hook in due):
-                self.save(self.step)
             self.log(
                 f"[gf_jax.train] received signal {stop.received}: saved step {self.step} to "
                 f"{self.checkpointer.directory}; run the same command to resume."

@@ -179,6 +179,75 @@ def test_a_prepare_killed_midway_is_not_a_store_and_the_next_one_restarts(tok, t
     assert store.num_documents == 300 and not [n for n in os.listdir(tmp_path) if ".partial-" in n]
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_pool_workers_die_with_a_killed_prepare(tok, tmp_path):
+    path, marker = str(tmp_path / "store"), str(tmp_path / "half")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(ROOT)}
+    script = _KILLED_PREPARE.replace("workers=1", "workers=2")
+    proc = subprocess.Popen([sys.executable, "-c", script, SHAKESPEARE, tok.path, marker, path], env=env)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "the prepare subprocess never started its pool"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive_not_zombie(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if _alive_not_zombie(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"pool workers {left} outlived the killed prepare"
+
+
+def _alive_not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_prepare_user_errors_are_one_sentence_with_status_2(tok, tmp_path, capsys):
+    from gf_jax.data.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    other_key = tmp_path / "body.jsonl"
+    other_key.write_text('{"body": "text here"}\n')
+    cases = [([f"data.path={tmp_path / 'missing.jsonl'}"], "does not exist; set data.path"),
+             ([f"data.path={bad}"], "bad.jsonl:2: not valid JSON"),
+             ([f"data.path={other_key}"], "no string field 'text' (found ['body']); set data.text_field"),
+             (["data.nokey=1"], "unknown config key data.nokey")]
+    for i, (overrides, expected) in enumerate(cases):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prepare", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--workers", "1",
+                  "data.source=jsonl", f"data.tokenizer={tok.path}", f"data.store_dir={tmp_path / f's{i}'}",
+                  *overrides])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]  # besides the progress bar
+        assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], err
+        assert "Traceback" not in err
+        assert not os.path.exists(tmp_path / f"s{i}")
+
+
 def test_other_settings_are_refused_naming_the_difference(config, tok, tmp_path):
     data.ensure_store(on_store(config), tok, progress=False)
     with pytest.raises(ValueError, match=r"prepared with other settings \(add_eos \(store: true, now: false\)\)"):

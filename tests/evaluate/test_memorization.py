@@ -89,6 +89,12 @@ def test_overfit_model_recites_every_document(setup):
         assert doc["prompt_len"] == len(tokens) - 1 - SUFFIX  # BOS + text before the suffix
 
 
+def test_a_suffix_longer_than_every_document_is_refused_not_reported_as_zero(setup):
+    with pytest.raises(ValueError, match=r"all 1 documents are shorter than suffix_len \+ 1 = 17 tokens \(the "
+                                         r"longest has \d+\); lower --suffix-len"):
+        evaluate.evaluate_memorization(setup["trained"], setup["tokenizer"], [setup["short"]], suffix_len=SUFFIX)
+
+
 def test_untrained_model_recites_nothing(setup):
     per_doc, agg = evaluate.evaluate_memorization(setup["untrained"], setup["tokenizer"], setup["members"],
                                                   suffix_len=SUFFIX)

@@ -161,3 +161,16 @@ def test_reference_fixtures_are_small():
     assert total < 2 * 1024 * 1024
     with open(os.path.join(FIXTURES, "reference", "llama3.json")) as f:
         assert json.load(f)["min_greedy_margin"] > 1e-3  # greedy ties cannot flip on rounding
+
+
+@pytest.mark.parametrize("keep", [5, 40, -1000])  # inside the length, inside the header, inside the tensors
+def test_a_truncated_safetensors_file_is_one_sentence_naming_it(tmp_path, keep):
+    copy = tmp_path / "llama3"
+    shutil.copytree(fixture("llama3"), copy)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep] if keep > 0 else data[:keep])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or not a safetensors file .*; download "
+                                         r"or export it again\.") as info:
+        load_dir(str(copy))
+    assert str(copy) in str(info.value) and "\n" not in str(info.value)

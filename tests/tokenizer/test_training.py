@@ -111,3 +111,22 @@ def test_corpus_tokenizer_trains_on_the_train_split_without_canaries(tmp_path, t
     assert corpus_tokenizer(config, texts[:100]).path == training.cached_tokenizer(texts[:100], 330, str(tmp_path)).path
     configured = data.DataConfig(**{**config.__dict__, "tokenizer": trained.path})
     assert corpus_tokenizer(configured).path == trained.path  # a configured model wins, nothing trains
+
+
+def test_a_corpus_of_lines_over_64_kb_trains_and_round_trips(tmp_path):
+    # One document per line, each longer than sentencepiece's sentence limit (it would skip them all).
+    words = [f"word{i % 97} lot{i % 13}" for i in range(6000)]
+    long_lines = [" ".join(words[j:] + words[:j]) for j in range(3)]
+    assert all(len(line.encode()) > 65536 for line in long_lines)
+    path = training.train_from_texts(["\n".join(long_lines)], 279, str(tmp_path / "tok"))
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.decode(tokenizer.encode([long_lines[0]])) == [long_lines[0]]
+
+
+def test_long_lines_are_cut_into_pieces_that_keep_every_character():
+    line = ("é" * 70_000) + " tail " + ("x" * 10)
+    pieces = list(training._pieces(line, max_bytes=65_535))
+    assert "".join(pieces) == line and all(len(p.encode()) <= 65_535 for p in pieces)
+    spaced = " ".join(["abc"] * 30_000)  # 120 kB: cut at spaces, so no word is split
+    pieces = list(training._pieces(spaced))
+    assert len(pieces) == 2 and "".join(pieces) == spaced and pieces[0].endswith(" ")

@@ -322,3 +322,15 @@ def test_user_hooks_run_every_n_steps_and_at_the_end(tokenizer_path, tmp_path):
     trainer.run()
     # Steps 3 and 6, then the last step; metrics were read back before the hook ran.
     assert seen == [(3, True), (6, True), (7, True)]
+
+
+def test_a_stop_signal_at_step_1_logs_and_saves_that_step(tokenizer_path, tmp_path, monkeypatch):
+    from gf_jax.train import hooks
+
+    monkeypatch.setattr(hooks.StopSignal, "requested", lambda self, step: step == 1)  # SIGTERM during step 1
+    run_dir = str(tmp_path / "stopped")
+    summary = Trainer(small_config(tokenizer_path, run_dir, "train.log_every=5", "train.ckpt_every=0",
+                                   "train.eval_every=0")).run()
+    train, _ = records(run_dir)
+    assert summary["status"] == "preempted" and [r["step"] for r in train] == [1]
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["1"]
