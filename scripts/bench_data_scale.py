@@ -6,7 +6,7 @@ Shakespeare text (each document: a unique header and 3-8 random speeches), then
   1. prepare throughput of the store, tokens/s, with 1 and 2 worker processes;
   2. time to the first batch (building the training iterator with configs/tiny.yaml's batch, after
      imports) and peak RSS at that point, each in a fresh subprocess so the figures are that run's
-     alone: with ``data.store=auto`` at the first start (which computes the store's index files)
+     alone: with ``data.store=on`` at the first start (which computes the store's index files)
      and at a later start (which maps them; what every resume and rerun sees), then a later start
      with ``data.shuffle_algorithm=permutation`` (the materialised numpy permutations of runs
      started before the Feistel orders), and with ``data.store=off`` (the in-memory pipeline);
@@ -126,10 +126,10 @@ def run(sizes_mb: list[int], work_dir: str, config_path: str, skip_memory_above_
             rates[workers] = manifest["tokens"] / manifest["prepare_seconds"]
         store_dir = os.path.join(work_dir, f"store-{mb}mb-2w")
         shutil.rmtree(os.path.join(store_dir, "index"), ignore_errors=True)  # so the first start builds them
-        first = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "feistel")
-        later = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "feistel")
-        _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "permutation")  # its own layout files
-        legacy = _in_subprocess("auto", corpus, tok.path, store_dir, B, T, "permutation")
+        first = _in_subprocess("on", corpus, tok.path, store_dir, B, T, "feistel")
+        later = _in_subprocess("on", corpus, tok.path, store_dir, B, T, "feistel")
+        _in_subprocess("on", corpus, tok.path, store_dir, B, T, "permutation")  # its own layout files
+        legacy = _in_subprocess("on", corpus, tok.path, store_dir, B, T, "permutation")
         memory = (_in_subprocess("off", corpus, tok.path, "", B, T) if mb <= skip_memory_above_mb
                   else dict.fromkeys(("seconds", "rss_mb", "anon_mb", "batch_ms"), float("nan")))
         m = json.load(open(os.path.join(work_dir, f"store-{mb}mb-2w", "manifest.json")))

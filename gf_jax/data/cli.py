@@ -3,7 +3,7 @@
     python -m gf_jax.data prepare --config configs/tiny.yaml [--workers 8] [data.path=...]
 
 Prints the store's folder and counts. Every later run with the same data settings and
-``data.store=auto`` memory-maps it instead of reading and tokenizing the corpus.
+``data.store`` on (or auto above its size) memory-maps it instead of reading and tokenizing the corpus.
 """
 
 from __future__ import annotations

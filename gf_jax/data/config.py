@@ -11,7 +11,7 @@ import dataclasses
 from gf_jax.data.shuffle import ALGORITHMS as SHUFFLE_ALGORITHMS
 
 SOURCES = ("text", "jsonl", "parquet", "tfds")
-STORES = ("off", "auto")
+STORES = ("auto", "on", "off")
 SPLIT_RULES = ("file", "blank_line", "wikitext")
 MODES = ("packed", "document")
 FORMATS = ("text", "prompt_completion", "chat")
@@ -68,12 +68,16 @@ class DataConfig:
         (``chatml``, ``llama2``, ``llama3``) or a ``.jinja`` file.
       train_on_prompt: supervise the prompt (and chat headers) too, not only the answers.
       truncate: cut an example longer than a row (train.seq_len + 1 tokens) instead of failing.
-      store: ``off`` (each start reads and tokenizes this process's share in memory) or ``auto``
-        (a tokenized store, prepared once with ``python -m gf_jax.data prepare`` or on first use,
-        memory-mapped by every process: start-up and memory do not grow with the corpus; the
-        batches are identical). See ``gf_jax.data.store``.
+      store: ``on``: a tokenized store, prepared once with ``python -m gf_jax.data prepare`` or on
+        first use and memory-mapped by every process (start-up and memory do not grow with the
+        corpus; the batches are identical); ``off``: each start reads and tokenizes this process's
+        share in memory; ``auto`` (default): ``on`` for a corpus of at least ``store_above_bytes``
+        (text documents; in a multi-process run only with a shared ``store_dir``), else ``off``.
+        See ``gf_jax.data.store.uses_store``.
       store_dir: the store's folder (local or ``gs://``); a store there prepared with other
-        settings is refused. None: ``.cache/stores/<key of the settings>``.
+        settings is refused. None: ``.cache/stores/<key of the settings and the files' times>``.
+      store_above_bytes: the corpus size from which ``store: auto`` uses a store (1 GiB: the
+        in-memory path holds about 3 bytes of RAM per corpus byte).
       store_workers: processes that tokenize while preparing a store (None: every core).
       store_wait: seconds the other processes of a multi-process run wait for process 0 to prepare
         a missing store (they poll for its manifest, written last) before giving up with an error.
@@ -113,8 +117,9 @@ class DataConfig:
     chat_template: str = ""
     train_on_prompt: bool = False
     truncate: bool = False
-    store: str = "off"
+    store: str | bool = "auto"  # YAML reads on/off as booleans
     store_dir: str | None = None
+    store_above_bytes: int = 2**30
     store_workers: int | None = None
     store_wait: float = 10800.0
 
@@ -123,7 +128,11 @@ class DataConfig:
         check_choice("data.split_rule", self.split_rule, SPLIT_RULES)
         check_choice("data.canary_split_rule", self.canary_split_rule, SPLIT_RULES)
         check_choice("data.mode", self.mode, MODES)
+        if isinstance(self.store, bool):
+            object.__setattr__(self, "store", "on" if self.store else "off")
         check_choice("data.store", self.store, STORES)
+        if self.store_above_bytes < 0:
+            raise ValueError(f"data.store_above_bytes={self.store_above_bytes} must be >= 0.")
         check_choice("data.shuffle_algorithm", self.shuffle_algorithm, SHUFFLE_ALGORITHMS)
         if self.store_workers is not None and self.store_workers < 1:
             raise ValueError(f"data.store_workers={self.store_workers} must be >= 1 or null (every core).")
@@ -140,7 +149,7 @@ class DataConfig:
         if self.canary_repeats > 0 and not self.canary_path:
             raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
         check_choice("data.format", self.format, FORMATS)
-        if self.format != "text" and self.store != "off":
+        if self.format != "text" and self.store == "on":
             raise ValueError(f"data.format={self.format} examples are read in memory; set data.store=off (the "
                              "tokenized store holds plain documents).")
         if self.format != "text" and (self.source != "jsonl" or self.canary_repeats):

@@ -11,6 +11,7 @@ from gf_jax.data.config import DataConfig
 from gf_jax.data.iterator import BatchIterator, default_process
 from gf_jax.data.sources import read_in_chunks
 from gf_jax.data.splits import load_documents, process_share, split_of
+from gf_jax.data.store import uses_store
 from gf_jax.data.tokens import tokenize_documents
 
 
@@ -30,7 +31,7 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
     if split == "validation" and config.validation_fraction <= 0:
         raise ValueError("split='validation' needs data.validation_fraction > 0.")
     pi, pc = default_process(process_index, process_count)
-    if config.store == "auto":
+    if uses_store(config, pc):
         return _store_iterator(config, tokenizer, global_batch=global_batch, seq_len=seq_len, split=split,
                                process_index=pi, process_count=pc, prefetch=prefetch, with_doc_ids=with_doc_ids)
     stream = document_stream(config)
@@ -66,8 +67,8 @@ def _store_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len
 
 def validation_tokens(config: DataConfig, tokenizer):
     """Token arrays of every validation document, in order (what ``eval_batches`` takes): read and
-    tokenized, or memory-mapped from the tokenized store with ``data.store=auto``."""
-    if config.store == "auto":
+    tokenized, or memory-mapped from the tokenized store (``gf_jax.data.store.uses_store``)."""
+    if uses_store(config, default_process(None, None)[1]):
         return stored.split_tokens(config, tokenizer, prepare.ensure_store(config, tokenizer), "validation")
     return tokenize_documents(load_documents(config, "validation"), tokenizer, config.add_bos, config.add_eos)
 

@@ -338,6 +338,14 @@ def source_files(config: DataConfig) -> list[tuple[str, int]]:
     return [(os.path.relpath(f, root) if root else os.path.basename(f), os.path.getsize(f)) for f in files]
 
 
+def source_mtimes(config: DataConfig) -> list[int]:
+    """Modification times (ns) of the files of ``source_files``, in the same order."""
+    if config.source == "tfds":
+        return []
+    suffix = {"jsonl": JSONL_SUFFIXES, "parquet": ".parquet"}.get(config.source, ".txt")
+    return [os.stat(f).st_mtime_ns for f in list_files(config.path, suffix, config.source)[0]]
+
+
 def source_size(config: DataConfig) -> int:
     """The total ``iter_background`` progress counts to: bytes of the files, or TFDS documents."""
     if config.source == "tfds":

@@ -35,7 +35,7 @@ import numpy as np
 from gf_jax.data.config import DataConfig
 from gf_jax.data.index_cache import IndexCache
 from gf_jax.data.shuffle import CHUNK
-from gf_jax.data.sources import Document, source_files
+from gf_jax.data.sources import Document, source_files, source_mtimes, source_size
 from gf_jax.util import paths
 
 FORMAT = 1
@@ -85,12 +85,27 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 
 def store_path(config: DataConfig, settings: dict[str, Any]) -> str:
-    """``data.store_dir``, else ``.cache/stores/<source>-<key of the settings>``."""
+    """``data.store_dir``, else ``.cache/stores/<source>-<key>``. The default folder's key also holds
+    the files' modification times, so an edit that keeps a file's size never reuses the old tokens
+    (an explicit ``store_dir``, shared by hosts with their own copies of a corpus, compares sizes)."""
     if config.store_dir:
         return config.store_dir
     name = os.path.basename(str(config.path).rstrip("/")) if config.source != "tfds" else config.tfds_name
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
-    return os.path.join(".cache", "stores", f"{config.source}-{name}-{settings_key(settings)}")
+    key = settings_key({**settings, "mtimes": source_mtimes(config)})
+    return os.path.join(".cache", "stores", f"{config.source}-{name}-{key}")
+
+
+def uses_store(config: DataConfig, process_count: int = 1) -> bool:
+    """Whether the data is read through a tokenized store: ``data.store`` on, or auto for text
+    documents of at least ``data.store_above_bytes``. A multi-process run uses one by itself only
+    with a shared ``store_dir``: the default folder is on each host's own disk, where the other
+    hosts would wait for a store they cannot see."""
+    if config.store != "auto":
+        return config.store == "on"
+    if config.format != "text" or config.source == "tfds" or (process_count > 1 and not config.store_dir):
+        return False
+    return source_size(config) >= config.store_above_bytes
 
 
 def settings_difference(found: dict, wanted: dict, prefix: str = "") -> str | None:
@@ -156,7 +171,7 @@ class TokenStore:
         self.manifest = manifest or read_manifest(path)
         if self.manifest is None:
             raise FileNotFoundError(f"{path} is not a complete tokenized store (no {MANIFEST}); run "
-                                    "`python -m gf_jax.data prepare --config C` or set data.store=auto.")
+                                    "`python -m gf_jax.data prepare --config C` or set data.store=on.")
         # A remote store's local copy is keyed by its path and manifest: a store prepared again at
         # the same URL (other settings, other corpus) never reads the files cached for the old one.
         key = hashlib.sha256(json.dumps([path, self.manifest], sort_keys=True).encode()).hexdigest()[:16]

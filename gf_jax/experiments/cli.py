@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from gf_jax.config import replace_sections
 from gf_jax.experiments.arms import REPO, load_experiment, preset_path
 from gf_jax.run.init_from import apply_init_from
+from gf_jax.util.commands import run_command
 
 
 def experiment_parser(prog: str | None, doc: str, kind: str, presets: str) -> argparse.ArgumentParser:
@@ -59,9 +60,6 @@ def script_command() -> str:
 
 
 def run_cli(run: Callable[..., dict], argv: Sequence[str] | None, command: str | None) -> None:
-    """Runs an experiment; a user error (bad preset, key, path) is one line and exit status 2."""
-    try:
-        run(argv, command=command)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """Runs an experiment; a user error (bad preset, key, path, an arm in use) is one line and exit
+    status 2, Ctrl-C one line and 130 (``gf_jax.util.commands``)."""
+    run_command(lambda: run(argv, command=command))

@@ -44,7 +44,7 @@ def config(tok, tmp_path_factory):
 
 
 def on_store(config, **changes):
-    return dataclasses.replace(config, store="auto", **changes)
+    return dataclasses.replace(config, store="on", **changes)
 
 
 def assert_same_batch(got, want):
@@ -173,7 +173,7 @@ def test_a_prepare_killed_midway_is_not_a_store_and_the_next_one_restarts(tok, t
     assert partials and not os.path.exists(path) and read_manifest(path) is None
     with pytest.raises(FileNotFoundError, match="not a complete tokenized store"):
         TokenStore(path)
-    config = data.DataConfig(path=SHAKESPEARE, max_documents=300, tokenizer=tok.path, store="auto", store_dir=path,
+    config = data.DataConfig(path=SHAKESPEARE, max_documents=300, tokenizer=tok.path, store="on", store_dir=path,
                              store_workers=1)
     store = data.ensure_store(config, tok, progress=False)  # restarts: the dead one's folder is removed
     assert store.num_documents == 300 and not [n for n in os.listdir(tmp_path) if ".partial-" in n]
@@ -421,7 +421,7 @@ prepare.WAIT_POLL_SECONDS = 0.05
 def refuse(*args, **kwargs):
     raise AssertionError("process 1 prepared the store")
 prepare.prepare_store = refuse
-config = data.DataConfig(path=sys.argv[1], max_documents=300, tokenizer=sys.argv[2], store="auto", store_dir=sys.argv[3],
+config = data.DataConfig(path=sys.argv[1], max_documents=300, tokenizer=sys.argv[2], store="on", store_dir=sys.argv[3],
                          store_wait=120)
 open(sys.argv[4], "w").close()   # tells the test this process is about to look for the store
 store = data.ensure_store(config, load_tokenizer(sys.argv[2]), process_index=1, process_count=2)
@@ -438,7 +438,7 @@ def test_process_0_prepares_and_the_others_wait_for_its_manifest(tok, tmp_path, 
         while not os.path.exists(started) and waiting.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert os.path.exists(started), waiting.communicate()[1]
-        config = data.DataConfig(path=SHAKESPEARE, max_documents=300, tokenizer=tok.path, store="auto",
+        config = data.DataConfig(path=SHAKESPEARE, max_documents=300, tokenizer=tok.path, store="on",
                                  store_dir=path, store_workers=1)
         store = data.ensure_store(config, tok, progress=False, process_index=0, process_count=2)
         out, err = waiting.communicate(timeout=120)
@@ -482,3 +482,40 @@ def test_a_store_in_a_bucket_is_uploaded_manifest_last_and_read_through_a_local_
     again = data.ensure_store(on_store(config, store_dir="gs://bucket/stores/shakespeare", add_eos=False), tok,
                               progress=False)
     assert again.local != store.local and again.tokens(0)[-1] != tok.eos_id and store.tokens(0)[-1] == tok.eos_id
+
+
+# ------------------------------------------------------------------ chosen by itself (issue 22)
+
+
+def test_store_auto_is_chosen_by_the_corpus_size(tmp_path):
+    from gf_jax.config import load_config
+    from gf_jax.data.store import uses_store
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words\n\nand a few more\n" * 100)  # 2,800 bytes
+    config = data.DataConfig(path=str(corpus), store_above_bytes=2_800)
+    assert config.store == "auto" and uses_store(config)  # at the threshold: a store
+    assert not uses_store(dataclasses.replace(config, store_above_bytes=2_801))
+    assert not uses_store(config, process_count=2)  # hosts would wait for a store on another disk
+    assert uses_store(dataclasses.replace(config, store_dir=str(tmp_path / "shared")), process_count=2)
+    assert uses_store(dataclasses.replace(config, store="on", store_above_bytes=10**12))
+    assert not uses_store(dataclasses.replace(config, store="off", store_above_bytes=0))
+    yaml = tmp_path / "c.yaml"
+    for written, read in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        yaml.write_text(f"data:\n  store: {written}\n")  # YAML reads on/off as booleans
+        assert load_config(str(yaml)).data.store == read
+    with pytest.raises(ValueError, match="data.store"):
+        data.DataConfig(store="sometimes")
+
+
+def test_the_default_store_folder_changes_when_a_file_is_edited_in_place(tmp_path, tok):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one two three\n\nfour five six\n")
+    config = data.DataConfig(path=str(corpus), store="on")
+    settings = store_settings(config, tok)
+    before = store_path(config, settings)
+    corpus.write_text("one two thre3\n\nfour five six\n")  # same size, other text
+    os.utime(corpus, ns=(os.stat(corpus).st_atime_ns, os.stat(corpus).st_mtime_ns + 10**9))
+    assert store_settings(config, tok) == settings and store_path(config, settings) != before
+    shared = dataclasses.replace(config, store_dir=str(tmp_path / "shared"))
+    assert store_path(shared, settings) == str(tmp_path / "shared")  # an explicit folder compares sizes
