@@ -63,6 +63,14 @@ class RunConfig:
                 f"data.row_context ({d.row_context}) is shorter than the goldfish hash window goldfish.h "
                 f"({g.h}); set data.row_context >= {g.h} (or 0 for no row context)."
             )
+        if g.strategy == "hash" and d.row_context == 0 and d.mode == "packed" and g.h >= t.seq_len:
+            # Without row context a row that continues a document drops the targets whose window
+            # reaches before the row: with h >= T that is every one of them, most of the data.
+            raise ValueError(
+                f"goldfish.h ({g.h}) is not shorter than train.seq_len ({t.seq_len}) and data.row_context is 0, "
+                f"so every row that continues a document would drop all its targets; set data.row_context >= "
+                f"{g.h} or a smaller goldfish.h."
+            )
 
 
 def replace_sections(config: RunConfig, **sections) -> RunConfig:

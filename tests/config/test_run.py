@@ -158,6 +158,9 @@ def test_large_presets_without_a_tokenizer_get_one_that_fits(tmp_path):
     [
         (["train.eval_every=10", "data.validation_fraction=0"], r"train\.eval_every > 0 needs a validation split"),
         (["data.row_context=8", "goldfish.h=13"], r"set data\.row_context >= 13 \(or 0"),
+        # With no row context, a window as long as the row would drop every continued row's targets.
+        (["data.row_context=0", "goldfish.h=1000000"], r"goldfish\.h \(1000000\) is not shorter than "
+                                                        r"train\.seq_len .*set data\.row_context >= 1000000"),
     ],
 )
 def test_data_cross_section_checks_fail_at_load(overrides, message):
