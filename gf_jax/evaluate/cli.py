@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-width", type=int, default=1, help="1 = greedy; > 1 = beam search (adaptive attack)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fpr", type=float, default=0.001, help="false-positive rate of the reported MIA TPR")
+    p.add_argument("--offsets", type=int, nargs="*", default=[],
+                   help="also extract with the prompt at these token offsets inside each document (e.g. 0 32 "
+                        "128 512): --offset-prefix-len prompt tokens, then --suffix-len tokens")
+    p.add_argument("--offset-prefix-len", type=int, default=32, help="prompt tokens of the offset extraction")
     p.add_argument("--mesh", default=None, help="e.g. 'data=1,fsdp=-1,tensor=1' (default: one device)")
     p.add_argument("--out", default=None, help="report directory (default: RUN/eval for one run, else eval_report)")
     return p
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_of(args) -> EvalSettings:
     return EvalSettings(step=args.step, suffix_len=args.suffix_len, prefix_len=args.prefix_len,
-                        beam_width=args.beam_width, batch_size=args.batch_size, fpr=args.fpr)
+                        beam_width=args.beam_width, batch_size=args.batch_size, fpr=args.fpr,
+                        offsets=tuple(args.offsets), offset_prefix_len=args.offset_prefix_len)
 
 
 def parse_mesh(spec: str | None):

@@ -16,12 +16,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import numpy as np
-
 from gf_jax.data.examples import EncodedExamples
 from gf_jax.evaluate import metrics
-from gf_jax.evaluate.scoring import decoded_texts
-from gf_jax.model.generate import generate
+from gf_jax.evaluate.extraction import discoverable_rates, extract_splits, suffix_log_probs
 
 
 def extraction_split(tokens: Sequence[int], *, suffix_len: int, max_prompt_len: int,
@@ -67,6 +64,7 @@ def evaluate_memorization(
     beam_width: int = 1,
     eos_id: int | None = None,
     mesh=None,
+    sampling: bool = True,
     progress: bool | str = False,
 ) -> tuple[list[dict], dict]:
     """Suffix extraction on each document: does the model recite the end of it from the rest?
@@ -81,6 +79,9 @@ def evaluate_memorization(
       beam_width: 1 = greedy (the paper's metric); > 1 = beam search (adaptive attack).
       eos_id: trailing id to drop (default: the tokenizer's EOS).
       mesh: decode sharded over this mesh (batch over data/fsdp).
+      sampling: also compute each suffix's probability ``p_z`` by teacher forcing (``log_p_suffix``
+        per document) and the (n, p)-discoverable rates (``aggregate["discoverable"]``,
+        ``gf_jax.evaluate.extraction``).
 
     Returns:
       (per_doc, aggregate). ``per_doc``: one dict per evaluated document with ``id``,
@@ -100,13 +101,15 @@ def evaluate_memorization(
 
     kept, skipped = _extraction_splits(docs_tokens, doc_ids, suffix_len, prefix_len,
                                        model.config.max_seq_len - suffix_len, eos_id)
-    out = generate(
-        model, [k[1] for k in kept], suffix_len, start_positions=[k[3] for k in kept],
-        beam_width=beam_width, batch_size=batch_size, mesh=mesh, pad_id=pad_id, progress=progress,
-    )
-    per_doc = _scored(kept, out.tokens, tokenizer)
+    per_doc = extract_splits(model, tokenizer, kept, suffix_len, beam_width=beam_width, batch_size=batch_size,
+                             mesh=mesh, progress=progress)
     aggregate = metrics.aggregate_memorization(per_doc, n_skipped=len(skipped))
     aggregate.update(suffix_len=suffix_len, prefix_len=prefix_len, beam_width=beam_width, skipped_ids=skipped)
+    if sampling:  # what n samples would extract: p_z of the true suffix by teacher forcing
+        log_p = suffix_log_probs(model, kept, batch_size=batch_size, mesh=mesh, pad_id=pad_id)
+        for doc, value in zip(per_doc, log_p):
+            doc["log_p_suffix"] = float(value)
+        aggregate["discoverable"] = discoverable_rates(log_p)
     return per_doc, aggregate
 
 
@@ -127,26 +130,6 @@ def _extraction_splits(docs_tokens, doc_ids, suffix_len: int, prefix_len: int | 
         print(f"[gf_jax.evaluate] skipped {len(skipped)} of {len(docs_tokens)} documents shorter than "
               f"suffix_len + 1 = {suffix_len + 1} tokens (first: {skipped[0]!r}).", file=sys.stderr)
     return kept, skipped
-
-
-def _scored(kept: list[tuple], generated_UxA: np.ndarray, tokenizer) -> list[dict]:
-    """One result dict per kept document: RougeL and exact matches of its generated suffix."""
-    generated_texts = decoded_texts(tokenizer, generated_UxA.tolist())
-    reference_texts = decoded_texts(tokenizer, [k[2] for k in kept])
-    rouges = metrics.rouge_l(generated_texts, reference_texts)
-    per_doc = []
-    for (doc_id, prompt, suffix, _), gen_ids, gen_text, ref_text, rouge in zip(
-        kept, generated_UxA, generated_texts, reference_texts, rouges
-    ):
-        per_doc.append({
-            "id": doc_id,
-            "prompt_len": len(prompt),
-            "rougeL": rouge,
-            **metrics.suffix_match(gen_ids, suffix),
-            "generated": gen_text,
-            "reference": ref_text,
-        })
-    return per_doc
 
 
 def answer_memorization(model, tokenizer, items: EncodedExamples, *, suffix_len: int, **kw) -> tuple[list[dict], dict]:

@@ -12,12 +12,13 @@ Missing parts show as "-" in the table; histograms are drawn only for models wit
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from typing import Any
 
+from gf_jax.evaluate.audit_report import audit_sections
+from gf_jax.evaluate.report_format import format_value, markdown_rows, pyplot, save_figure
 from gf_jax.util import paths
 
 HIST_BINS = 20
@@ -34,13 +35,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def format_value(value, spec: str) -> str:
-    """``format(value, spec)``, or "-" for a missing or non-finite value."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
 
 
 def markdown_table(results_by_model: dict[str, dict]) -> str:
@@ -79,31 +73,6 @@ def markdown_table(results_by_model: dict[str, dict]) -> str:
     return markdown_rows(rows)
 
 
-def markdown_rows(rows: list[list[str]]) -> str:
-    """A Markdown table: the first row is the header, the others the body."""
-    header, *body = rows
-    lines = [header, ["---"] * len(header), *body]
-    return "\n".join("| " + " | ".join(row) + " |" for row in lines) + "\n"
-
-
-def _save(fig, path: str) -> None:
-    """Writes a figure as PNG to a local path or a URL, then frees it."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    _pyplot().close(fig)
-    paths.write_bytes(path, buffer.getvalue())
-
-
-def _pyplot():
-    """matplotlib's pyplot, writing files only (never a display)."""
-    import matplotlib  # heavy, and only for the plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after use("Agg"): the backend is chosen at this import
-
-    return plt
-
-
 def plot_histograms(results_by_model: dict[str, dict], key: str, path: str, xlabel: str) -> bool:
     """Overlaid per-model histograms of ``per_doc[key]`` on [0, 1] (the paper's Figure 2 style).
 
@@ -116,7 +85,7 @@ def plot_histograms(results_by_model: dict[str, dict], key: str, path: str, xlab
     }
     if not series:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     bins = [i / HIST_BINS for i in range(HIST_BINS + 1)]
     for i, (name, values) in enumerate(series.items()):
@@ -128,13 +97,13 @@ def plot_histograms(results_by_model: dict[str, dict], key: str, path: str, xlab
     ax.set_ylabel("documents")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
 def plot_histogram_panels(series: dict[str, list[float]], path: str, *, title: str, xlabel: str = "RougeL") -> str:
     """One histogram panel per series on a shared [0, 1] axis (the paper's Figure 2 layout)."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(series)
     cols = n if n <= 5 else -(-n // 2)
     rows = -(-n // cols)
@@ -157,7 +126,7 @@ def plot_histogram_panels(series: dict[str, list[float]], path: str, *, title: s
         row[0].set_ylabel("documents", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -186,6 +155,9 @@ def write_report(results_by_model: dict[str, dict], out_dir: str, *, title: str 
              "\nmemorized = documents whose whole suffix is reproduced by greedy decoding; exact match "
              "= mean share of suffix tokens reproduced at the same position; MIA scores: higher = "
              "attack flags the document as trained on (AUC 0.5 = chance).\n"]
+    sections, audit_plots = audit_sections(results_by_model, out_dir)
+    lines += sections
+    plots += audit_plots
     lines += [f"\n![{os.path.basename(path)}]({os.path.basename(path)})\n" for path in plots]
     paths.write_text(md_path, "".join(lines))
     return {"json": json_path, "markdown": md_path, "plots": plots}

@@ -9,6 +9,7 @@ from typing import Any
 
 from gf_jax.data import check_vocab_fits, load_canaries, task_for
 from gf_jax.data.config import DataConfig
+from gf_jax.evaluate.extraction import offset_extraction
 from gf_jax.evaluate.memorization import answer_memorization
 from gf_jax.evaluate.scoring import heldout_loss, membership_inference
 from gf_jax.model.sharding import rows_for_mesh
@@ -29,6 +30,8 @@ class EvalSettings:
       beam_width: 1 = greedy (the paper's metric); > 1 = beam search (adaptive attack).
       batch_size: prompts decoded (documents scored) per batch.
       fpr: the false-positive rate of the reported membership-inference TPR.
+      offsets: prefix offsets of the offset extraction (empty: none); ``offset_prefix_len`` prompt
+        tokens at each, then ``suffix_len`` tokens to extract (``gf_jax.evaluate.extraction``).
     """
 
     step: int | None = None
@@ -37,6 +40,8 @@ class EvalSettings:
     beam_width: int = 1
     batch_size: int = 16
     fpr: float = 0.001
+    offsets: tuple[int, ...] = ()
+    offset_prefix_len: int = 32
 
 
 def resolve_documents(source: str, data_config: DataConfig, *, split_rule: str = "blank_line") -> list:
@@ -99,6 +104,11 @@ def evaluate_run(source: str | ModelSource, docs: list, heldout: list | None, se
         batch_size=batch, beam_width=settings.beam_width, mesh=mesh, progress=f"{name}: memorization")
     result: dict[str, Any] = {"run_dir": paths.absolute(source.path), "goldfish": dataclasses.asdict(config.goldfish),
                               "memorization": {"per_doc": per_doc, "aggregate": aggregate}}
+    if settings.offsets:
+        result["offsets"] = offset_extraction(
+            model, tokenizer, members.tokens, doc_ids=members.ids, offsets=settings.offsets,
+            prefix_len=settings.offset_prefix_len, suffix_len=settings.suffix_len, batch_size=batch, mesh=mesh,
+            progress=f"{name}: offsets")
     if heldout:
         held = task.evaluation_set(heldout, tokenizer, seq_len)
         result["mia"] = membership_inference(model, tokenizer, members, held, fpr=settings.fpr, batch_size=batch,

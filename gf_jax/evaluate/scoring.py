@@ -11,12 +11,13 @@ import math
 from collections.abc import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gf_jax.batch import Batch
 from gf_jax.data.examples import EncodedExamples
-from gf_jax.evaluate import metrics
+from gf_jax.evaluate import attacks, metrics
 from gf_jax.goldfish import GoldfishConfig
 from gf_jax.loss import chunked_loss_fn
 from gf_jax.model.sharding import batch_sharding, place_on_mesh, replicate_outputs, rows_for_mesh
@@ -61,13 +62,85 @@ def row_xent(model, batch: Batch, mesh=None, chunk_size: int = 128):
                              mesh=mesh)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "mesh"))
+def _token_stats_jit(graphdef, state, batch: Batch, *, chunk, mesh=None):
+    """Per token: (log p(target), mu, sigma) with mu, sigma the mean and standard deviation of log p
+    over the vocabulary under the model's own distribution; ``chunk`` positions at a time, so the
+    B x T x V logits are never held whole."""
+    model = nnx.merge(graphdef, state)
+    hidden_BxTxD = model.hidden(batch.inputs_BxT, positions_BxT=batch.positions_BxT,
+                                segment_ids_BxT=batch.segment_ids_BxT)
+    w_DxV = model.output_weights()
+    B, T, D = hidden_BxTxD.shape
+    hidden_NxBxCxD = hidden_BxTxD.reshape(B, T // chunk, chunk, D).swapaxes(0, 1)
+    targets_NxBxC = batch.targets_BxT.reshape(B, T // chunk, chunk).swapaxes(0, 1)
+
+    def one_chunk(args):
+        hidden_BxCxD, targets_BxC = args
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, w_DxV.astype(hidden_BxCxD.dtype)).astype(jnp.float32)
+        logp_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
+        target_BxC = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+        p_BxCxV = jnp.exp(logp_BxCxV)
+        mu_BxC = jnp.sum(p_BxCxV * logp_BxCxV, axis=-1)
+        var_BxC = jnp.maximum(jnp.sum(p_BxCxV * logp_BxCxV * logp_BxCxV, axis=-1) - mu_BxC * mu_BxC, 0.0)
+        return target_BxC, mu_BxC, jnp.sqrt(var_BxC)
+
+    out = jax.lax.map(one_chunk, (hidden_NxBxCxD, targets_NxBxC))
+    return replicate_outputs(tuple(x.swapaxes(0, 1).reshape(B, T) for x in out), mesh)
+
+
+def token_statistics(model, docs_tokens, *, batch_size: int = 16, mesh=None, pad_id: int = 0,
+                     start_positions: Sequence[int] | None = None, progress: bool | str = False) -> list[dict]:
+    """For each document (token lists: every target; ``EncodedExamples``: the supervised ones; a
+    ``(tokens, scored_mask)`` pair list also works), numpy arrays over its scored targets:
+    ``logprob`` (log p of the true next token), ``mu`` and ``sigma`` (mean and standard deviation
+    of log p over the vocabulary at that position). ``start_positions``: the RoPE position of each
+    document's first token (default 0). Scored on the first ``max_seq_len + 1`` tokens."""
+    max_len = model.config.max_seq_len
+    tokens, supervised = _tokens_and_targets(docs_tokens)
+    docs = [np.asarray(d, np.int32)[: max_len + 1] for d in tokens]
+    targets = [np.ones(len(d), bool) if supervised is None else np.asarray(s, bool)[: max_len + 1]
+               for d, s in zip(docs, supervised or docs)]
+    starts = np.zeros(len(docs), np.int64) if start_positions is None else np.asarray(start_positions, np.int64)
+    if any(len(d) < 2 for d in docs):
+        raise ValueError("every document needs at least 2 tokens to have a next-token loss.")
+    batch_size = rows_for_mesh(batch_size, mesh)
+    graphdef, state = nnx.split(place_on_mesh(model, mesh))
+    order = np.argsort([-len(d) for d in docs], kind="stable")
+    out: list[dict] = [{} for _ in docs]
+    bar = progress_bar(progress, len(docs), "token statistics")
+    for begin in range(0, len(docs), batch_size):
+        idx = order[begin : begin + batch_size]
+        width = min(_round_up(len(docs[idx[0]]) - 1, 64), max_len)
+        rows = _document_rows([docs[i] for i in idx], [targets[i] for i in idx], batch_size, width, pad_id)
+        rows.positions_BxT[: idx.size] += starts[idx, None].astype(np.int32)
+        rows = jax.tree.map(np.asarray, rows._replace(context_BxC=None, doc_ids_BxT=None))
+        chunk = math.gcd(width, 64)
+        if mesh is None:
+            stats = _token_stats_jit(graphdef, state, rows, chunk=chunk)
+        else:
+            with jax.set_mesh(mesh):
+                stats = _token_stats_jit(graphdef, state, jax.device_put(rows, batch_sharding(mesh)), chunk=chunk,
+                                         mesh=mesh)
+        logprob_BxT, mu_BxT, sigma_BxT = (np.asarray(x, np.float64) for x in stats)
+        for row, i in enumerate(idx):
+            scored = rows.weights_BxT[row] > 0
+            out[i] = {"logprob": logprob_BxT[row][scored], "mu": mu_BxT[row][scored], "sigma": sigma_BxT[row][scored]}
+        if bar is not None:
+            bar.update(idx.size)
+    if bar is not None:
+        bar.close()
+    return out
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def _tokens_and_targets(docs) -> tuple[list, list | None]:
-    """(token lists, supervised masks or None = every target) of documents or ``EncodedExamples``."""
-    if isinstance(docs, EncodedExamples):
+    """(token lists, supervised masks or None = every target) of documents, or of ``EncodedExamples``
+    (or anything with their ``tokens`` and ``supervised`` lists)."""
+    if isinstance(docs, EncodedExamples) or (hasattr(docs, "tokens") and hasattr(docs, "supervised")):
         return docs.tokens, docs.supervised
     return list(docs), None
 
@@ -129,11 +202,14 @@ def membership_inference(
     nonmember_docs,
     *,
     fpr: float = 0.001,
+    k: float = 0.2,
     batch_size: int = 16,
     mesh=None,
     progress: bool | str = False,
 ) -> dict:
-    """Loss and zlib membership-inference attacks, members (trained on) vs non-members.
+    """Membership-inference attacks, members (trained on) vs non-members: loss, zlib, Min-K% and
+    Min-K%++ (``gf_jax.evaluate.attacks``), each with its AUROC, TPR at 1% and 0.1% false positives
+    (with the counts and whether they suffice) and its ROC curve.
 
     Goldfish loss is not a defence against these: it changes them only marginally.
 
@@ -142,30 +218,40 @@ def membership_inference(
         (their supervised targets are scored). Each is scored on its first ``max_seq_len + 1``
         tokens; the zlib attack compresses the decoded text of those same scored tokens (ids as
         words without a tokenizer).
-      fpr: the false-positive rate of the reported TPR (0.1% as in the paper).
+      fpr: the false-positive rate of ``tpr_at_fpr`` (0.1% as in the paper).
+      k: the share of lowest-scoring tokens of Min-K% and Min-K%++ (0.2, as their authors use).
 
     Returns:
-      ``{"loss": {"auc", "tpr_at_fpr"}, "zlib": {...}, "fpr", "n_members", "n_nonmembers",
-      "member_nll_mean", "nonmember_nll_mean"}``.
+      ``{attack: {"auc", "tpr_at_fpr", "tpr_at": {"0.01": {...}, "0.001": {...}}, "n_members",
+      "n_nonmembers", "roc": {"fpr", "tpr"}} for attack in loss, zlib, min_k, min_k_pp}`` plus
+      ``fpr``, ``k``, ``n_members``, ``n_nonmembers``, ``member_nll_mean``, ``nonmember_nll_mean``.
     """
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     window = model.config.max_seq_len + 1
-    scores = {}
+    scores, nll = {}, {}
     for role, docs in (("members", member_docs), ("non-members", nonmember_docs)):
         desc = f"{progress}: {role}" if isinstance(progress, str) else progress
-        nll = document_nll(model, docs, batch_size=batch_size, mesh=mesh, pad_id=pad_id, progress=desc)
+        stats = token_statistics(model, docs, batch_size=batch_size, mesh=mesh, pad_id=pad_id, progress=desc)
+        nll[role] = np.array([-np.mean(s["logprob"]) if s["logprob"].size else 0.0 for s in stats])
         lengths = [max(1, metrics.zlib_length(t)) for t in decoded_texts(tokenizer, scored_tokens(docs, window))]
-        scores[role] = (nll, metrics.loss_scores(nll), metrics.zlib_scores(nll, lengths))
-    (nll_in, loss_in, zlib_in), (nll_out, loss_out, zlib_out) = scores["members"], scores["non-members"]
-    return {
-        "loss": metrics.mia_summary(loss_in, loss_out, fpr),
-        "zlib": metrics.mia_summary(zlib_in, zlib_out, fpr),
-        "fpr": fpr,
-        "n_members": len(member_docs),
-        "n_nonmembers": len(nonmember_docs),
-        "member_nll_mean": float(np.mean(nll_in)),
-        "nonmember_nll_mean": float(np.mean(nll_out)),
-    }
+        logprobs = [s["logprob"] if s["logprob"].size else np.zeros(1) for s in stats]
+        scores[role] = {
+            "loss": metrics.loss_scores(nll[role]),
+            "zlib": metrics.zlib_scores(nll[role], lengths),
+            "min_k": attacks.min_k_scores(logprobs, k),
+            "min_k_pp": attacks.min_k_plus_plus_scores(
+                logprobs, [s["mu"] if s["mu"].size else np.zeros(1) for s in stats],
+                [s["sigma"] if s["sigma"].size else np.ones(1) for s in stats], k),
+        }
+    result: dict = {"fpr": fpr, "k": k, "n_members": len(member_docs), "n_nonmembers": len(nonmember_docs),
+                    "member_nll_mean": float(np.mean(nll["members"])),
+                    "nonmember_nll_mean": float(np.mean(nll["non-members"]))}
+    for attack in ("loss", "zlib", "min_k", "min_k_pp"):
+        inside, outside = scores["members"][attack], scores["non-members"][attack]
+        roc_fpr, roc_tpr = attacks.roc_curve(inside, outside)
+        result[attack] = {**metrics.mia_summary(inside, outside, fpr), **attacks.tpr_table(inside, outside),
+                          "roc": {"fpr": roc_fpr.tolist(), "tpr": roc_tpr.tolist()}}
+    return result
 
 
 def scored_tokens(docs, window: int) -> list[list[int]]:

@@ -10,7 +10,8 @@ from flax import nnx
 
 from gf_jax import data, evaluate
 from gf_jax.evaluate import cli as evaluate_cli
-from gf_jax.evaluate import metrics
+from gf_jax.evaluate import extraction, metrics
+from gf_jax.evaluate.scoring import token_statistics
 from gf_jax.model import ModelConfig
 from gf_jax.model.transformer import Transformer
 from gf_jax.tokenizer import load_tokenizer, train_from_texts
@@ -18,6 +19,7 @@ from gf_jax.tokenizer import load_tokenizer, train_from_texts
 # Modules whose tests live here (tests/test_architecture.py finds a module's tests by its name or here).
 COVERS = (
     "gf_jax.evaluate.cli",
+    "gf_jax.evaluate.extraction",
     "gf_jax.evaluate.runs",
     "gf_jax.evaluate.scoring",
 )
@@ -173,7 +175,7 @@ def test_document_nll_and_membership_inference(setup):
     np.testing.assert_allclose(nll, [_numpy_nll(model, d).mean() for d in docs], rtol=1e-4)
     mia = evaluate.membership_inference(model, tok, setup["members"], setup["nonmembers"])
     # Overfit members have a far lower loss than unseen text: both attacks separate them perfectly.
-    assert mia["loss"] == {"auc": 1.0, "tpr_at_fpr": 1.0}
+    assert (mia["loss"]["auc"], mia["loss"]["tpr_at_fpr"]) == (1.0, 1.0)
     assert mia["zlib"]["auc"] == 1.0
     assert mia["member_nll_mean"] < 0.1 < mia["nonmember_nll_mean"]
     zlib = [metrics.zlib_length(t) for t in tok.decode(setup["members"])]
@@ -292,3 +294,53 @@ def test_sharded_evaluation_equals_single_device(setup):
     single, _ = evaluate.evaluate_memorization(model, tok, docs, suffix_len=SUFFIX)
     assert [d["generated"] for d in sharded] == [d["generated"] for d in single]
     assert agg["n_memorized"] >= len(MEMBERS)
+
+
+# ---- extraction under sampling, prefix offsets, the newer attacks (issue 24) ----------------------
+
+
+def test_discoverable_rates_follow_the_closed_form():
+    log_p = np.log([0.5, 1e-3, 1e-9, 0.999])
+    rates = extraction.discoverable_rates(log_p)
+    # 1 - (1 - p)^n >= p_threshold, written out for each document
+    for n in extraction.NS:
+        for p in extraction.PS:
+            expected = np.mean([1 - (1 - np.exp(x)) ** n >= p for x in log_p])
+            assert rates["n"][str(n)][str(p)] == expected, (n, p)
+    assert extraction.extraction_probability(np.log(1e-12), 1000) == pytest.approx(1e-9, rel=1e-6)  # no rounding to 0
+
+
+def test_token_statistics_equal_the_full_softmax(setup):
+    model, doc = setup["trained"], np.asarray(setup["members"][0], np.int32)
+    stats = token_statistics(model, [doc, doc[:20]], batch_size=2, start_positions=[0, 5])[0]
+    logits = np.asarray(jax.device_get(model(doc[None, :-1])), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    p = np.exp(logp)
+    np.testing.assert_allclose(stats["logprob"], logp[np.arange(len(doc) - 1), doc[1:]], atol=2e-4)
+    np.testing.assert_allclose(stats["mu"], (p * logp).sum(-1), atol=2e-4)
+    np.testing.assert_allclose(stats["sigma"], np.sqrt((p * logp ** 2).sum(-1) - (p * logp).sum(-1) ** 2), atol=2e-3)
+
+
+def test_an_overfit_model_is_discoverable_with_one_sample_and_an_untrained_one_is_not(setup):
+    _, trained = evaluate.evaluate_memorization(setup["trained"], setup["tokenizer"], setup["members"], suffix_len=16)
+    _, untrained = evaluate.evaluate_memorization(setup["untrained"], setup["tokenizer"], setup["members"],
+                                                  suffix_len=16)
+    assert trained["discoverable"]["n"]["1"]["0.5"] == 1.0
+    assert untrained["discoverable"]["n"]["1000"]["0.1"] == 0.0 and untrained["discoverable"]["mean_log_p"] < -20
+
+
+def test_prefix_offsets_report_each_offset_and_the_documents_that_fit(setup):
+    result = extraction.offset_extraction(setup["trained"], setup["tokenizer"], setup["members"],
+                                          offsets=(0, 8, 500), prefix_len=16, suffix_len=16, batch_size=4)
+    offsets = result["offsets"]
+    assert offsets["0"]["n_documents"] == 4 and offsets["500"] == {"n_documents": 0}
+    assert offsets["0"]["aggregate"]["exact_match_mean"] == 1.0  # recited from the start of the document
+    assert 0 < offsets["8"]["n_documents"] <= 4 and "discoverable" in offsets["8"]
+
+
+def test_membership_inference_reports_every_attack_with_low_fpr_rates(setup):
+    mia = evaluate.membership_inference(setup["trained"], setup["tokenizer"], setup["members"], setup["nonmembers"])
+    for attack in ("loss", "zlib", "min_k", "min_k_pp"):
+        assert mia[attack]["auc"] == 1.0  # the overfit members stand out to every attack
+        assert mia[attack]["n_members"] == 4 and not mia[attack]["tpr_at"]["0.01"]["reliable"]
+        assert mia[attack]["roc"]["fpr"][0] == 0.0 and mia[attack]["roc"]["tpr"][-1] == 1.0

@@ -4,9 +4,13 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
-from gf_jax.evaluate import metrics, report
+from gf_jax.evaluate import attacks, extraction, metrics, report
+
+# Modules whose tests live here (tests/test_architecture.py finds a module's tests by its name or here).
+COVERS = ("gf_jax.evaluate.audit_report", "gf_jax.evaluate.report_format")
 
 
 def _result(rouges, memorized, mia=True, heldout=True):
@@ -54,3 +58,26 @@ def test_report_renders(tmp_path):
 def test_report_rejects_empty(tmp_path):
     with pytest.raises(ValueError, match="at least one model"):
         report.write_report({}, str(tmp_path))
+
+
+def test_the_audit_sections_and_plots_render(tmp_path):
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.normal(1, 1, 40), rng.normal(0, 1, 60)
+    fpr, tpr = attacks.roc_curve(members, nonmembers)
+    attack = {**metrics.mia_summary(members, nonmembers), **attacks.tpr_table(members, nonmembers),
+              "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+    result = _result([1.0, 0.5, 0.2], [True, False, False])
+    result["memorization"]["aggregate"]["discoverable"] = extraction.discoverable_rates(np.log([0.9, 1e-2, 1e-6]))
+    result["mia"].update(min_k=attack, min_k_pp=attack)
+    result["offsets"] = {"prefix_len": 32, "suffix_len": 50, "offsets": {
+        "0": {"n_documents": 3, "aggregate": result["memorization"]["aggregate"],
+              "discoverable": result["memorization"]["aggregate"]["discoverable"]},
+        "512": {"n_documents": 0}}}
+    written = report.write_report({"standard": result}, str(tmp_path))
+    md = open(written["markdown"]).read()
+    assert "## Extraction under sampling" in md and "| standard | 0.333 | 0.333 | 0.667 | 0.667 |" in md
+    assert "| standard | Min-K%++ |" in md
+    assert "*" in md.split("## Membership inference")[1]  # 60 non-members: TPR at 0.1% FPR is flagged
+    assert "| standard | 512 | 0 | - | - | - |" in md
+    names = sorted(os.path.basename(p) for p in written["plots"])
+    assert names == ["exact_match_hist.png", "extraction_vs_n.png", "roc.png", "rougeL_hist.png"]
