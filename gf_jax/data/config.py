@@ -76,6 +76,9 @@ class DataConfig:
         See ``gf_jax.data.store.uses_store``.
       store_dir: the store's folder (local or ``gs://``); a store there prepared with other
         settings is refused. None: ``.cache/stores/<key of the settings and the files' times>``.
+      protect: spans never supervised but kept in context (``gf_jax.data.protect``): regular
+        expressions or built-in names (``email``, ``phone``, ``ipv4``, ``iban``); text and example data.
+      protect_field: JSONL key of a document's protected character spans ``[[start, end], ...]``.
       store_above_bytes: the corpus size from which ``store: auto`` uses a store (1 GiB: the
         in-memory path holds about 3 bytes of RAM per corpus byte).
       store_workers: processes that tokenize while preparing a store (None: every core).
@@ -118,6 +121,8 @@ class DataConfig:
     train_on_prompt: bool = False
     truncate: bool = False
     store: str | bool = "auto"  # YAML reads on/off as booleans
+    protect: tuple[str, ...] = ()
+    protect_field: str | None = None
     store_dir: str | None = None
     store_above_bytes: int = 2**30
     store_workers: int | None = None
@@ -149,6 +154,13 @@ class DataConfig:
         if self.canary_repeats > 0 and not self.canary_path:
             raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
         check_choice("data.format", self.format, FORMATS)
+        object.__setattr__(self, "protect", tuple(str(p) for p in (self.protect or ())))
+        if (self.protect or self.protect_field) and self.store == "on":
+            raise ValueError("data.protect and data.protect_field mark tokens in memory; set data.store=off or auto "
+                             "(the tokenized store holds no protection masks).")
+        if self.protect_field and (self.source != "jsonl" or self.format != "text"):
+            raise ValueError("data.protect_field reads spans from JSONL documents; set data.source=jsonl with "
+                             "data.format=text, or use data.protect patterns.")
         if self.format != "text" and self.store == "on":
             raise ValueError(f"data.format={self.format} examples are read in memory; set data.store=off (the "
                              "tokenized store holds plain documents).")

@@ -21,6 +21,7 @@ import numpy as np
 
 from gf_jax.data import chat
 from gf_jax.data.config import DataConfig
+from gf_jax.data.protect import compile_patterns, covered, pattern_spans
 from gf_jax.data.sources import check_records, list_files
 
 
@@ -165,6 +166,8 @@ def encode_example(example: Example, tokenizer, config: DataConfig, template: st
     supervised_U = np.zeros(len(ids), bool)
     for lo, hi in spans:  # a token is supervised when it starts inside a supervised span
         supervised_U |= (starts_U >= lo) & (starts_U < hi)
+    if config.protect:  # never supervised, answers included (gf_jax.data.protect)
+        supervised_U &= ~covered(starts_U, len(text), pattern_spans(text, compile_patterns(config.protect)))
     if example.messages is None:  # plain concatenation: frame with BOS/EOS as documents are
         if config.add_bos:
             ids, supervised_U = [tokenizer.bos_id] + ids, np.concatenate([[False], supervised_U])

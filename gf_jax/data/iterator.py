@@ -68,6 +68,8 @@ class BatchIterator:
       context: C, the width of each batch's ``context_BxC`` (0: none; see ``DataConfig.row_context``).
       documents: optional, the ``Document`` of each token array (so ``documents[doc_ids_BxT]``
         names what a row holds); kept as the ``documents`` attribute.
+      protected: optional, per token array a bool array: tokens whose targets get weight 0 (kept as
+        inputs; ``gf_jax.data.protect``).
 
     ``get_state()`` is ``{"step": s, "fingerprint": ..., "shuffle_algorithm": ...}``; ``set_state``
     resumes exactly there.
@@ -76,7 +78,8 @@ class BatchIterator:
     def __init__(self, tokens: Sequence[np.ndarray], *, global_batch: int, seq_len: int, seed: int = 0,
                  process_index: int | None = None, process_count: int | None = None, mode: str = "packed",
                  pad_id: int = 0, shuffle: bool = True, prefetch: int = 2, with_doc_ids: bool = False,
-                 context: int = 0, documents: Sequence[Document] | None = None, shuffle_algorithm: str = "auto"):
+                 context: int = 0, documents: Sequence[Document] | None = None, shuffle_algorithm: str = "auto",
+                 protected: Sequence[np.ndarray] | None = None):
         check_choice("mode", mode, MODES)
         check_choice("shuffle_algorithm", shuffle_algorithm, ALGORITHMS)
         self.process_index, self.process_count = default_process(process_index, process_count)
@@ -88,6 +91,10 @@ class BatchIterator:
         if documents is not None and len(documents) != len(tokens):
             raise ValueError(f"got {len(documents)} documents for {len(tokens)} token arrays; pass one per array.")
         self.tokens, self.lengths = token_arrays(tokens)
+        if protected is not None and len(protected) != len(self.tokens):
+            raise ValueError(f"got {len(protected)} protection masks for {len(tokens)} token arrays; pass one per "
+                             "array.")
+        self.protected = protected
         # A store's documents are made on access (a list would read the whole share).
         self.documents = documents if documents is None or hasattr(tokens, "lengths") else list(documents)
         # A store's per-epoch arrays and fingerprint are saved in (and mapped from) its index files.
@@ -161,7 +168,8 @@ class BatchIterator:
         for epoch in np.unique(epoch_B).tolist():  # a batch spans at most a few epochs
             layout, order = self._epoch(epoch)
             rows += layout.rows(np.asarray(order[g_B[epoch_B == epoch] % self.rows_per_epoch], np.int64))
-        return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids, self.context)
+        return assemble_rows(self.tokens, rows, self.seq_len, self.pad_id, self.with_doc_ids, self.context,
+                             self.protected)
 
     # -- iteration, prefetch and state --------------------------------------------------------
     def __iter__(self) -> BatchIterator:

@@ -120,8 +120,11 @@ def rows_per_epoch(lengths: Sequence[int], seq_len: int, mode: str) -> int:
 
 
 def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[Piece]], seq_len: int, pad_id: int,
-                  with_doc_ids: bool = False, context: int = 0) -> Batch:
+                  with_doc_ids: bool = False, context: int = 0,
+                  protected: Sequence[np.ndarray] | None = None) -> Batch:
     """A host ``Batch`` (numpy, B = len(rows)) from row pieces; an empty row is all padding (weight 0).
+    ``protected``: per document, True at tokens never to be predicted (``gf_jax.data.protect``):
+    their targets get weight 0 but stay in the inputs.
 
     With ``context`` > 0 it also holds ``context_BxC`` (see ``row_context``); else that field is
     None. ``doc_ids_BxT`` (index into ``tokens`` of each input, -1 = padding) only ``with_doc_ids``.
@@ -131,17 +134,21 @@ def assemble_rows(tokens: Sequence[np.ndarray], rows: Sequence[Sequence[Piece]],
     pos_BxT1 = np.zeros((B, T + 1), np.int32)
     seg_BxT1 = np.zeros((B, T + 1), np.int32)
     doc_BxT1 = np.full((B, T + 1), -1, np.int32)
+    prot_BxT1 = np.zeros((B, T + 1), bool)
     for b, pieces in enumerate(rows):
         col = 0
         for s, (d, lo, hi) in enumerate(pieces, 1):
             n = hi - lo
             tok_BxT1[b, col:col + n] = tokens[d][lo:hi]
+            if protected is not None:
+                prot_BxT1[b, col:col + n] = protected[d][lo:hi]
             pos_BxT1[b, col:col + n] = np.arange(lo, hi, dtype=np.int32)
             seg_BxT1[b, col:col + n] = s
             doc_BxT1[b, col:col + n] = d
             col += n
     # A target is real when it sits in the same document as its input (not padding, not across).
-    weights_BxT = ((seg_BxT1[:, :-1] == seg_BxT1[:, 1:]) & (seg_BxT1[:, :-1] > 0)).astype(np.float32)
+    real_BxT = (seg_BxT1[:, :-1] == seg_BxT1[:, 1:]) & (seg_BxT1[:, :-1] > 0)
+    weights_BxT = (real_BxT & ~prot_BxT1[:, 1:]).astype(np.float32)  # a protected token is never a target
     batch = Batch(
         inputs_BxT=tok_BxT1[:, :-1],
         targets_BxT=tok_BxT1[:, 1:],

@@ -9,6 +9,7 @@ from gf_jax.data import prepare, stored
 from gf_jax.data.canaries import document_stream
 from gf_jax.data.config import DataConfig
 from gf_jax.data.iterator import BatchIterator, default_process
+from gf_jax.data.protect import protected_targets, read_field_spans
 from gf_jax.data.sources import read_in_chunks
 from gf_jax.data.splits import load_documents, process_share, split_of
 from gf_jax.data.store import uses_store
@@ -42,10 +43,13 @@ def make_train_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq
         raise ValueError(f"process {pi} of {pc} got no {split} documents out of {len(stream)}; use more documents, "
                          "fewer processes or a larger data.validation_fraction.")
     tokens = tokenize_documents(docs, tokenizer, config.add_bos, config.add_eos)
+    protected = None
+    if config.protect or config.protect_field:  # spans never supervised (gf_jax.data.protect)
+        protected = protected_targets(docs, tokenizer, config, tokens, read_field_spans(config))
     return BatchIterator(tokens, global_batch=global_batch, seq_len=seq_len, seed=config.seed, process_index=pi,
                          process_count=pc, mode=config.mode, pad_id=tokenizer.pad_id, shuffle=config.shuffle,
                          prefetch=prefetch, with_doc_ids=with_doc_ids, context=config.row_context, documents=docs,
-                         shuffle_algorithm=config.shuffle_algorithm)
+                         shuffle_algorithm=config.shuffle_algorithm, protected=protected)
 
 
 def _store_iterator(config: DataConfig, tokenizer, *, global_batch: int, seq_len: int, split: str,

@@ -103,7 +103,8 @@ def uses_store(config: DataConfig, process_count: int = 1) -> bool:
     hosts would wait for a store they cannot see."""
     if config.store != "auto":
         return config.store == "on"
-    if config.format != "text" or config.source == "tfds" or (process_count > 1 and not config.store_dir):
+    if config.format != "text" or config.source == "tfds" or config.protect or config.protect_field or (
+            process_count > 1 and not config.store_dir):
         return False
     return source_size(config) >= config.store_above_bytes
 
