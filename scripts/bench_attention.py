@@ -18,6 +18,7 @@ convention of gf_jax.model.counting.flops_per_token). On a non-GPU backend only 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--mean-doc-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
 
     b, t, n, kv, h = a.batch, a.seq_len, a.heads, a.kv_heads, a.head_dim
@@ -91,15 +93,27 @@ def main(argv=None) -> int:
     flops = 3 * 4 * b * t * t * n * h
     device = jax.devices()[0]
     print(f"{device.device_kind}: B={b} T={t} N={n} K={kv} H={h} {a.dtype}, documents ~{a.mean_doc_len} tokens")
-    reference = jax.jit(xla)(q, k, v, seg).astype(jnp.float32)
+    # The numerics reference: XLA attention in float32 on the same (rounded) inputs, packed segments.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    reference = jax.jit(xla)(*f32, seg)
+    results = {"device": device.device_kind, "batch": b, "seq_len": t, "heads": n, "kv_heads": kv, "head_dim": h,
+               "dtype": a.dtype, "mean_doc_len": a.mean_doc_len, "implementations": {}}
     for name, fn in impls.items():
         try:
             seconds = time_fwd_bwd(fn, q, k, v, seg, a.iters)
             err = float(jnp.max(jnp.abs(jax.jit(fn)(q, k, v, seg).astype(jnp.float32) - reference)))
         except Exception as e:  # one implementation failing (shapes, versions) must not hide the others
-            print(f"{name:22s} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            results["implementations"][name] = {"error": why}
+            print(f"{name:22s} failed: {why}")
             continue
-        print(f"{name:22s} {1e3 * seconds:8.2f} ms  {flops / seconds / 1e12:7.1f} TFLOP/s  max|diff vs xla| {err:.3g}")
+        results["implementations"][name] = {"fwd_bwd_ms": 1e3 * seconds, "tflops": flops / seconds / 1e12,
+                                            "max_abs_diff_vs_f32_xla": err}
+        print(f"{name:22s} {1e3 * seconds:8.2f} ms  {flops / seconds / 1e12:7.1f} TFLOP/s  "
+              f"max|diff vs f32 xla| {err:.3g}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 

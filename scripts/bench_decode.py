@@ -19,6 +19,7 @@ compared: the same weights should give the same greedy text.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -78,7 +79,7 @@ def hf_model_from(model, config):
     return hf.to(device=device, dtype=dtype), device
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="run config whose model section is used")
     parser.add_argument("--batch", type=int, default=8)
@@ -90,7 +91,9 @@ def main():
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     parser.add_argument("--scan-layers", choices=["config", "true", "false"], default="config",
                         help="model.scan_layers: the config's, or scanned / unrolled blocks and KV cache")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config's model")
+    args = parser.parse_args(argv)
     if args.cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
 
@@ -102,7 +105,8 @@ def main():
     from gf_jax.model.generate import decode_batch, decode_batch_recompute
     from gf_jax.model.transformer import Transformer
 
-    overrides = [] if args.scan_layers == "config" else [f"model.scan_layers={args.scan_layers}"]
+    overrides = list(args.overrides)
+    overrides += [] if args.scan_layers == "config" else [f"model.scan_layers={args.scan_layers}"]
     config = load_config(args.config, overrides).model
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     if P + N > config.max_seq_len:
@@ -157,6 +161,21 @@ def main():
         print(f"tokens equal to HF generate: {np.mean(outputs['cache'] == outputs['hf']):.1%}")
     if hf_note:
         print(f"\n{hf_note}")
+    summary = {
+        "config": args.config, "overrides": args.overrides, "device": jax.devices()[0].device_kind,
+        "batch": B, "prompt_len": P, "new_tokens": N, "dtype": str(np.dtype(config.compute_dtype)),
+        "methods": {name: {"seconds": s, "tokens_per_s": B * N / s} for name, s in results.items()},
+        "cache_equals_recompute": (bool(np.array_equal(outputs["cache"], outputs["recompute"]))
+                                   if "recompute" in outputs else None),
+        "tokens_equal_to_hf": float(np.mean(outputs["cache"] == outputs["hf"])) if "hf" in outputs else None,
+        "hf_note": hf_note or None,
+    }
+    hf_times = [s for name, s in results.items() if name.startswith("HF")]
+    summary["speedup_over_hf"] = hf_times[0] / base if hf_times else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     if "goldfish" in runs:
         # The mask alone, timed in isolation (many repetitions, low noise): the overhead the
         # goldfish step can at most add, whatever the load-induced spread of the step times.
-        mask_fn = jax.jit(lambda b: goldfish_mask(b["targets_BxT"], goldfish, positions_BxT=b["positions_BxT"]))
+        mask_fn = jax.jit(lambda b: goldfish_mask(b.targets_BxT, goldfish, positions_BxT=b.positions_BxT))
         batch = runs["goldfish"]["batch"]
         jax.block_until_ready(mask_fn(batch))
         reps, t0 = 50, time.perf_counter()
@@ -159,10 +159,18 @@ def main(argv=None) -> dict:
         share = mask_s / results["standard"]["step_time_s"]
         results["mask_only_s"] = mask_s
         print(f"goldfish mask alone: {mask_s * 1e3:.3f} ms = {100 * share:.3f}% of the standard step")
+    results["peak_bytes_in_use"] = peak_bytes(device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def peak_bytes(device) -> int | None:
+    """The device's peak allocated bytes since the process started (None where the backend keeps
+    no statistics, e.g. the CPU): the memory figure of a run in its own process."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return None if not stats else stats.get("peak_bytes_in_use")
 
 
 if __name__ == "__main__":
