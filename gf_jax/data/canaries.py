@@ -7,6 +7,7 @@ non-members of a membership test and never enter the stream.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -77,21 +78,53 @@ def stream_refs(stream_range: range, places_Y: np.ndarray, canary_Y: np.ndarray)
     return refs_U
 
 
+_WORD_OR_SPACE = re.compile(r"\S+|\s+")
+
+
+def perturb(text: str, rate: float, rng: np.random.Generator, vocabulary: Sequence[str], noise: bool = False) -> str:
+    """A near-duplicate of ``text``: each word is, with probability ``rate / 100``, replaced by a
+    word of ``vocabulary`` or followed by an inserted one (equally likely); with ``noise`` each word
+    also has that chance of a case change and each space of being doubled. Seeded by ``rng``."""
+    p = rate / 100.0
+    out = []
+    for part in _WORD_OR_SPACE.findall(text):
+        if part.isspace():
+            out.append(part + " " if noise and rng.random() < p else part)
+            continue
+        if rng.random() < p:
+            word = vocabulary[int(rng.integers(len(vocabulary)))]
+            part = word if rng.random() < 0.5 else f"{part} {word}"
+        if noise and rng.random() < p:
+            part = part.swapcase()
+        out.append(part)
+    return "".join(out)
+
+
 class DocumentStream(Sequence):
     """The training stream: background documents with canary copies inserted (lazily indexed).
 
     ``canary_record`` maps each injected canary id to its stream indices (``repeats`` of them).
+    With ``perturb_rate`` > 0 every copy is its own near-duplicate of the canary (``perturb``,
+    seeded by the canary and the copy's number), as templated or lightly edited text is.
     """
 
     def __init__(self, background: Sequence[Document], canaries: Sequence[Document] = (), repeats: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, perturb_rate: float = 0.0, perturb_noise: bool = False):
         self.background = background
         self.canaries = list(canaries) if repeats else []
         self.plan = canary_plan(len(background), len(self.canaries), repeats, seed) if self.canaries else None
         self.canary_record: dict[str, list[int]] = {}
+        self._copies: dict[int, Document] = {}
         if self.plan is not None:
             for where in np.flatnonzero(self.plan < 0):
                 self.canary_record.setdefault(self.canaries[-1 - self.plan[where]].id, []).append(int(where))
+        if self.plan is not None and perturb_rate > 0:
+            vocabulary = sorted({w for c in self.canaries for w in c.text.split()})
+            for c, canary in enumerate(self.canaries):
+                for copy, where in enumerate(self.canary_record[canary.id]):
+                    rng = np.random.default_rng([seed, c, copy])
+                    self._copies[where] = Document(canary.id, perturb(canary.text, perturb_rate, rng, vocabulary,
+                                                                      perturb_noise))
 
     def __len__(self) -> int:
         return len(self.background) if self.plan is None else len(self.plan)
@@ -100,7 +133,7 @@ class DocumentStream(Sequence):
         if isinstance(index, slice):
             return self.get_many(range(*index.indices(len(self))))
         j = index if self.plan is None else int(self.plan[index])
-        return self.background[j] if j >= 0 else self.canaries[-1 - j]
+        return self.background[j] if j >= 0 else self._copies.get(int(index), self.canaries[-1 - j])
 
     def get_many(self, indices: Sequence[int]) -> list[Document]:
         """Documents at ``indices``, reading background records in one call where the source allows."""
@@ -111,10 +144,11 @@ class DocumentStream(Sequence):
             fetched = dict(zip(wanted, self.background.get_many(wanted)))
         else:
             fetched = {j: self.background[j] for j in wanted}
-        return [fetched[j] if j >= 0 else self.canaries[-1 - j] for j in refs]
+        return [fetched[j] if j >= 0 else self._copies.get(i, self.canaries[-1 - j]) for i, j in zip(indices, refs)]
 
 
 def document_stream(config: DataConfig) -> DocumentStream:
     """Background documents of ``config`` with its canaries injected (every split)."""
     injected, _ = load_canaries(config)
-    return DocumentStream(read_background(config), injected, config.canary_repeats, config.canary_seed)
+    return DocumentStream(read_background(config), injected, config.canary_repeats, config.canary_seed,
+                          config.canary_perturb_rate, config.canary_perturb_noise)

@@ -56,6 +56,9 @@ class DataConfig:
         the non-members of a membership test.
       canary_repeats: copies of each injected canary inserted into the stream (0: no canaries).
       canary_seed: seed of the insertion places (independent of ``seed``).
+      canary_perturb_rate, canary_perturb_noise: near-duplicate copies: each copy gets about this
+        many word substitutions or insertions per 100 words (0: exact copies), and with the noise
+        flag case and whitespace changes at the same rate (``gf_jax.data.canaries.perturb``).
       row_context: each batch carries ``context_BxC`` (C = row_context): the targets that precede
         a row's first column in its document, so the goldfish hash of a row that starts
         mid-document sees its whole window instead of dropping its first h targets. Keep it
@@ -112,6 +115,8 @@ class DataConfig:
     canary_count: int | None = None
     canary_repeats: int = 0
     canary_seed: int = 0
+    canary_perturb_rate: float = 0.0
+    canary_perturb_noise: bool = False
     row_context: int = 32
     format: str = "text"
     prompt_field: str = "prompt"
@@ -151,6 +156,11 @@ class DataConfig:
             raise ValueError(f"data.canary_repeats={self.canary_repeats} must be >= 0.")
         if self.row_context < 0:
             raise ValueError(f"data.row_context={self.row_context} must be >= 0 (0: no row context).")
+        if self.canary_perturb_rate < 0 or self.canary_perturb_rate > 100:
+            raise ValueError(f"data.canary_perturb_rate={self.canary_perturb_rate} must be in [0, 100] (edits per 100 "
+                             "words).")
+        if self.canary_perturb_rate > 0 and self.store == "on":
+            raise ValueError("perturbed canary copies are made in memory; set data.store=off or auto.")
         if self.canary_repeats > 0 and not self.canary_path:
             raise ValueError("data.canary_repeats > 0 needs data.canary_path (a file of canary documents).")
         check_choice("data.format", self.format, FORMATS)

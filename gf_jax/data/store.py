@@ -104,6 +104,7 @@ def uses_store(config: DataConfig, process_count: int = 1) -> bool:
     if config.store != "auto":
         return config.store == "on"
     if config.format != "text" or config.source == "tfds" or config.protect or config.protect_field or (
+            config.canary_perturb_rate > 0) or (
             process_count > 1 and not config.store_dir):
         return False
     return source_size(config) >= config.store_above_bytes

@@ -69,6 +69,9 @@ class CanaryExperiment:
         its tokens (large corpora); 0 derives it from ``epochs``.
       val_docs: background documents of the validation split (``data.validation_fraction``) for
         the held-out loss, the first ones found.
+      perturb_rate, perturb_noise: near-duplicate copies (``data.canary_perturb_*``): every copy
+        differs from the canary by this many word edits per 100 words (and case / whitespace noise);
+        extraction is measured on the original canaries.
     """
 
     canary_corpus: str = "data/wikitext2_valid.txt"
@@ -88,6 +91,8 @@ class CanaryExperiment:
     eval_batch: int = 16
     steps: int = 0
     val_docs: int = 64
+    perturb_rate: float = 0.0
+    perturb_noise: bool = False
 
     def __post_init__(self):
         if self.steps < 0 or self.val_docs < 0:
@@ -157,7 +162,8 @@ def prepare(base, exp: CanaryExperiment, out: str):
                                  text_key=base.data.text_field)
     data_config = dataclasses.replace(
         base.data, tokenizer=tokenizer.path, canary_path=path, canary_count=exp.canaries,
-        canary_repeats=exp.repeats, id_field=id_field,
+        canary_repeats=exp.repeats, id_field=id_field, canary_perturb_rate=exp.perturb_rate,
+        canary_perturb_noise=exp.perturb_noise,
     )
     return tokenizer, data_config
 
@@ -195,7 +201,10 @@ RESULTS_COLUMNS = [tables.ARM, tables.TRAINS_ON, tables.MEMORIZED, tables.ROUGE_
 def write_outputs(out: str, results: dict, exp: CanaryExperiment, base, meta: dict) -> str:
     """results.json, results.md, rougeL_hist.png and report/; returns the table."""
     table = tables.results_table(results, RESULTS_COLUMNS)
-    description = (f"{exp.canaries} canaries of {exp.canary_tokens} tokens inserted {exp.repeats} times into "
+    copies = "times" if not exp.perturb_rate else (
+        f"times as near-duplicates ({exp.perturb_rate:g} word edits per 100 words"
+        f"{', case and whitespace noise' if exp.perturb_noise else ''})")
+    description = (f"{exp.canaries} canaries of {exp.canary_tokens} tokens inserted {exp.repeats} {copies} into "
                    f"{stream_description(meta, exp)}; model d_model={base.model.d_model} x {base.model.n_layers} "
                    f"layers ({meta['parameters']:,} parameters), tokenizer {meta['vocab_size']} pieces.")
     tables.write_results(

@@ -2,6 +2,7 @@
 per-host split, single-pass evaluation, TFDS (ArrayRecord, built locally) and input errors."""
 
 import collections
+import difflib
 import functools
 import hashlib
 import json
@@ -475,6 +476,31 @@ def test_canaries_are_injected_n_times_at_recorded_places(small_config, tok):
     assert data.document_stream(config).canary_record == stream.canary_record
     moved = data.document_stream(data.DataConfig(**{**config.__dict__, "canary_seed": 2}))
     assert moved.canary_record != stream.canary_record
+
+
+def test_perturbed_canary_copies_are_near_duplicates_at_the_asked_rate(small_config):
+    config = data.DataConfig(**{**small_config.__dict__, "canary_path": WIKITEXT, "canary_count": 4,
+                                "canary_repeats": 6, "canary_seed": 1, "canary_perturb_rate": 10.0})
+    injected, _ = data.load_canaries(config)
+    stream = data.document_stream(config)
+    originals = {d.id: d.text for d in injected}
+    edits = []
+    for cid, places in stream.canary_record.items():
+        copies = [stream[i].text for i in places]
+        assert len(set(copies)) == len(copies) and originals[cid] not in copies  # every copy its own variant
+        assert [d.text for d in stream.get_many(places)] == copies  # both access paths agree
+        for text in copies:
+            words, changed = originals[cid].split(), text.split()
+            matcher = difflib.SequenceMatcher(a=words, b=changed, autojunk=False)
+            edits.append((len(words) - sum(b.size for b in matcher.get_matching_blocks())) / len(words))
+    assert 0.05 < np.mean(edits) < 0.15  # about 10 edits per 100 words
+    assert data.document_stream(config)[stream.canary_record[injected[0].id][0]].text == \
+        stream[stream.canary_record[injected[0].id][0]].text  # seeded: the same copies every run
+    exact = data.document_stream(data.DataConfig(**{**config.__dict__, "canary_perturb_rate": 0.0}))
+    assert all(exact[i].text == originals[cid] for cid, places in exact.canary_record.items() for i in places)
+    rng = np.random.default_rng(0)
+    noisy = data.canaries.perturb("The Quick brown fox", 100.0, rng, ["x"], noise=True)
+    assert noisy != "The Quick brown fox" and noisy.lower().split().count("x") >= 1
 
 
 def test_train_iterator_on_text_uses_bos_eos_and_the_tokenizer(small_config, tok):
