@@ -1,5 +1,6 @@
 """The audit part of an evaluation report: extraction under sampling, the newer membership
-attacks at low false-positive rates, prefix offsets; tables for report.md and two plots
+attacks at low false-positive rates, prefix offsets, downstream multiple-choice accuracy; tables
+for report.md and two plots
 (extraction rate against the number of samples n, and ROC curves on a log FPR axis).
 
 Each function reads what ``gf_jax.evaluate.runs.evaluate_run`` (or an experiment) stored per model
@@ -58,6 +59,16 @@ def offsets_table(results_by_model: dict[str, dict]) -> str:
     return markdown_rows(rows) if len(rows) > 1 else ""
 
 
+def downstream_table(results_by_model: dict[str, dict]) -> str:
+    """acc and acc_norm of every multiple-choice task (``gf_jax.evaluate.choice``)."""
+    rows = [["model", "task", "items", "acc", "acc_norm"]]
+    for name, result in results_by_model.items():
+        for task, scores in result.get("downstream", {}).items():
+            rows.append([name, task, str(scores["n_items"]),
+                         f"{scores['acc']:.3f} ± {scores['acc_stderr']:.3f}", format_value(scores["acc_norm"], ".3f")])
+    return markdown_rows(rows) if len(rows) > 1 else ""
+
+
 def plot_extraction_vs_n(results_by_model: dict[str, dict], path: str) -> bool:
     """Share of documents extracted by at least one of n samples, 1 <= n <= 1000 (p = 0.5), per model."""
     curves = {name: r["memorization"]["aggregate"]["discoverable"] for name, r in results_by_model.items()
@@ -109,6 +120,9 @@ def audit_sections(results_by_model: dict[str, dict], out_dir: str) -> tuple[lis
          "* too few non-members for that rate (fewer than 1 / FPR): it is the rate of zero false positives."),
         ("Prefix offsets", offsets_table(results_by_model), "prompt starting at that token offset inside each "
                                                             "document; documents too short for it are left out."),
+        ("Downstream utility", downstream_table(results_by_model),
+         "multiple choice by log-likelihood, as lm-evaluation-harness: acc (± standard error) and acc_norm "
+         "(per byte of the answer)."),
     ):
         if table:
             sections.append(f"\n## {title}\n\n{table}\n{note}\n")

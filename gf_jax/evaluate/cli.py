@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also extract with the prompt at these token offsets inside each document (e.g. 0 32 "
                         "128 512): --offset-prefix-len prompt tokens, then --suffix-len tokens")
     p.add_argument("--offset-prefix-len", type=int, default=32, help="prompt tokens of the offset extraction")
+    p.add_argument("--choices", action="append", default=[],
+                   help="a multiple-choice task (JSONL of context / choices / gold) scored for downstream "
+                        "utility: acc and acc_norm, as lm-evaluation-harness; repeatable")
     p.add_argument("--mesh", default=None, help="e.g. 'data=1,fsdp=-1,tensor=1' (default: one device)")
     p.add_argument("--out", default=None, help="report directory (default: RUN/eval for one run, else eval_report)")
     return p
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_of(args) -> EvalSettings:
     return EvalSettings(step=args.step, suffix_len=args.suffix_len, prefix_len=args.prefix_len,
                         beam_width=args.beam_width, batch_size=args.batch_size, fpr=args.fpr,
-                        offsets=tuple(args.offsets), offset_prefix_len=args.offset_prefix_len)
+                        offsets=tuple(args.offsets), offset_prefix_len=args.offset_prefix_len,
+                        choices=tuple(args.choices))
 
 
 def parse_mesh(spec: str | None):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gf_jax.evaluate import metrics
-from gf_jax.evaluate.scoring import decoded_texts, token_statistics
+from gf_jax.evaluate.scoring import ScoredRows, decoded_texts, token_statistics
 from gf_jax.model.generate import generate
 
 NS = (1, 10, 100, 1000)
@@ -49,21 +49,9 @@ def suffix_log_probs(model, splits: Sequence[tuple], *, batch_size: int = 16, me
     log-probability given its prompt, by teacher forcing at the prompt's true positions."""
     rows = [(np.concatenate([np.asarray(p, np.int32), np.asarray(s, np.int32)]),
              np.concatenate([np.zeros(len(p), bool), np.ones(len(s), bool)])) for _, p, s, _ in splits]
-    stats = token_statistics(model, _Scored(rows), batch_size=batch_size, mesh=mesh, pad_id=pad_id,
+    stats = token_statistics(model, ScoredRows(rows), batch_size=batch_size, mesh=mesh, pad_id=pad_id,
                              start_positions=[start for *_, start in splits], progress=progress)
     return np.array([float(np.sum(s["logprob"])) for s in stats], np.float64)
-
-
-class _Scored:
-    """Token lists with the targets to score (the interface ``token_statistics`` reads from
-    ``EncodedExamples``): here the suffix tokens."""
-
-    def __init__(self, rows):
-        self.tokens = [r[0] for r in rows]
-        self.supervised = [r[1] for r in rows]
-
-    def __len__(self):
-        return len(self.tokens)
 
 
 def extract_splits(model, tokenizer, splits: Sequence[tuple], suffix_len: int, *, beam_width: int = 1,

@@ -5,10 +5,12 @@ and for instruction or chat examples (the run's data task says which tokens coun
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from gf_jax.data import check_vocab_fits, load_canaries, task_for
 from gf_jax.data.config import DataConfig
+from gf_jax.evaluate.choice import evaluate_choices
 from gf_jax.evaluate.extraction import offset_extraction
 from gf_jax.evaluate.memorization import answer_memorization
 from gf_jax.evaluate.scoring import heldout_loss, membership_inference
@@ -32,6 +34,8 @@ class EvalSettings:
       fpr: the false-positive rate of the reported membership-inference TPR.
       offsets: prefix offsets of the offset extraction (empty: none); ``offset_prefix_len`` prompt
         tokens at each, then ``suffix_len`` tokens to extract (``gf_jax.evaluate.extraction``).
+      choices: multiple-choice task files (JSONL) scored for downstream utility
+        (``gf_jax.evaluate.choice``).
     """
 
     step: int | None = None
@@ -42,6 +46,7 @@ class EvalSettings:
     fpr: float = 0.001
     offsets: tuple[int, ...] = ()
     offset_prefix_len: int = 32
+    choices: tuple[str, ...] = ()
 
 
 def resolve_documents(source: str, data_config: DataConfig, *, split_rule: str = "blank_line") -> list:
@@ -104,6 +109,11 @@ def evaluate_run(source: str | ModelSource, docs: list, heldout: list | None, se
         batch_size=batch, beam_width=settings.beam_width, mesh=mesh, progress=f"{name}: memorization")
     result: dict[str, Any] = {"run_dir": paths.absolute(source.path), "goldfish": dataclasses.asdict(config.goldfish),
                               "memorization": {"per_doc": per_doc, "aggregate": aggregate}}
+    if settings.choices:
+        result["downstream"] = {
+            os.path.basename(path): evaluate_choices(model, tokenizer, path, add_bos=config.data.add_bos,
+                                                     batch_size=batch, mesh=mesh, progress=f"{name}: {path}")
+            for path in settings.choices}
     if settings.offsets:
         result["offsets"] = offset_extraction(
             model, tokenizer, members.tokens, doc_ids=members.ids, offsets=settings.offsets,

@@ -137,6 +137,19 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+class ScoredRows:
+    """Token arrays with the targets to score in each (``scored[i][j]``: token j is scored), the
+    interface of ``EncodedExamples`` that ``token_statistics`` reads: e.g. a suffix after its prompt,
+    a choice after its context."""
+
+    def __init__(self, rows: Sequence[tuple[np.ndarray, np.ndarray]]):
+        self.tokens = [np.asarray(r[0], np.int32) for r in rows]
+        self.supervised = [np.asarray(r[1], bool) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
 def _tokens_and_targets(docs) -> tuple[list, list | None]:
     """(token lists, supervised masks or None = every target) of documents, or of ``EncodedExamples``
     (or anything with their ``tokens`` and ``supervised`` lists)."""

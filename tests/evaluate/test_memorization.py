@@ -249,8 +249,14 @@ def test_cli_compares_runs_on_the_documents_they_trained_on(setup, tmp_path, cap
     out = tmp_path / "report"
     results = evaluate_cli.run([
         "--run", str(tmp_path / "standard"), "--run", str(tmp_path / "control"), "--docs", "train",
-        "--heldout", str(heldout), "--suffix-len", str(SUFFIX), "--batch-size", "4", "--out", str(out)])
+        "--heldout", str(heldout), "--suffix-len", str(SUFFIX), "--batch-size", "4", "--out", str(out),
+        "--offsets", "0", "8", "--offset-prefix-len", "16", "--choices", "data/tasks/basic_mc.jsonl"])
     standard, control = results["standard"], results["control"]
+    assert standard["offsets"]["offsets"]["0"]["aggregate"]["exact_match_mean"] == 1.0
+    assert standard["downstream"]["basic_mc.jsonl"]["n_items"] == 40
+    for section in ("## Extraction under sampling", "## Membership inference", "## Prefix offsets",
+                    "## Downstream utility"):
+        assert section in (out / "report.md").read_text()
     assert standard["memorization"]["aggregate"]["n_memorized"] == len(MEMBERS)
     assert [d["id"] for d in standard["memorization"]["per_doc"]] == [f"doc{i}" for i in range(len(MEMBERS))]
     assert control["memorization"]["aggregate"]["n_memorized"] == 0
