@@ -21,7 +21,7 @@ from gf_jax.config import save_config, to_dict
 from gf_jax.hf import load as hf_load
 from gf_jax.run.checkpoint import Checkpointer
 from gf_jax.run.rundir import RunDir, copy_metadata
-from gf_jax.run.source import hf_run_config
+from gf_jax.run.source import ModelSource, hf_run_config
 from gf_jax.tokenizer import load_tokenizer
 from gf_jax.util.staging import check_target, is_own_output, staged_folder
 
@@ -30,6 +30,7 @@ def import_to_run(hf_dir: str, run_dir: str, *, param_dtype: str = "float32", ov
     """Writes ``run_dir`` at step 0 (parameters only, no optimizer state) from ``hf_dir``.
     ``run_dir`` must be new or empty, or (with ``overwrite``) an earlier import not trained since."""
     check_import_target(run_dir, overwrite=overwrite)
+    hf_dir = ModelSource.parse(hf_dir).path  # a GGUF file: its converted HF directory
     tokenizer = load_tokenizer(hf_dir)
     config = hf_run_config(hf_dir, tokenizer, param_dtype=param_dtype)
     # The run refers to its own copy of the tokenizer (RUN/hf), found again by source.run_tokenizer.

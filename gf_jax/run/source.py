@@ -1,5 +1,6 @@
 """Where a model comes from, parsed once: a run directory, ``RUN_DIR@STEP``, a Hugging Face
-directory or a PEFT adapter directory.
+directory, a GGUF file (read through the HF directory it converts to, ``gf_jax.hf.gguf``) or a
+PEFT adapter directory.
 
     source = ModelSource.parse("runs/tiny@200")     # kind "run", step 200
     config = architecture(source)                    # its ModelConfig, no weights read
@@ -17,7 +18,7 @@ from typing import Literal
 
 from gf_jax.config import RunConfig, TrainConfig, config_from_dict, load_config
 from gf_jax.data.config import DataConfig
-from gf_jax.hf import is_hf_dir
+from gf_jax.hf import gguf, is_hf_dir
 from gf_jax.hf import load as hf_load
 from gf_jax.hf.config import model_config_from_hf, read_config
 from gf_jax.hf.peft import is_peft_dir
@@ -47,6 +48,11 @@ class ModelSource:
         if isinstance(spec, ModelSource):
             return spec
         path, step = _split_step(str(spec))
+        if gguf.is_gguf_file(path):  # a llama.cpp file: read through its converted HF directory
+            if step is not None:
+                raise ValueError(f"{spec} names step {step} of a GGUF file, which holds one set of weights; drop "
+                                 f"the @{step}.")
+            return cls("hf", gguf.converted(path))
         if is_hf_dir(path) or is_peft_dir(path):
             if step is not None:
                 raise ValueError(f"{spec} names step {step} of a Hugging Face or PEFT directory, which holds one "

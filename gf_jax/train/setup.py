@@ -59,6 +59,12 @@ def corpus_warning(iterator) -> str | None:
     (or, in document mode, pads every row), which trains on very little."""
     if not hasattr(iterator, "lengths"):  # an iterator of the user's own (Trainer.train_iter replaced)
         return None
+    if getattr(iterator, "mode", "packed") == "document":  # one document per row: rows, not tokens, count
+        if len(iterator.lengths) >= iterator.local_batch:
+            return None
+        return (f"[gf_jax.train] warning: {len(iterator.lengths)} training documents, fewer than the "
+                f"{iterator.local_batch} rows of one batch; every batch repeats them: lower train.global_batch or "
+                "add data.")
     tokens = int(sum(int(n) for n in iterator.lengths))
     batch_tokens = iterator.local_batch * (iterator.seq_len + 1)
     if tokens >= batch_tokens:

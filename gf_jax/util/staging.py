@@ -96,6 +96,9 @@ def staged_folder(path: str, *, marker: dict | None = None):
     os.makedirs(parent, exist_ok=True)
     remove_stale_partials(path)
     tmp = tempfile.mkdtemp(prefix=f".{name}{_PARTIAL}{os.getpid()}-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the result is an ordinary folder
     try:
         yield tmp
         with open(os.path.join(tmp, MARKER), "w") as f:
