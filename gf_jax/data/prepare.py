@@ -33,6 +33,7 @@ from gf_jax.data.iterator import default_process
 from gf_jax.data.sources import duplicate_id_error, iter_background, source_size
 from gf_jax.data.store import MANIFEST, TokenStore, check_settings, read_manifest, store_path, store_settings
 from gf_jax.util import paths
+from gf_jax.util.staging import pid_alive
 
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: few files, each well under object-store limits
 BATCH_CHARS = 1 << 20  # text per worker task: large enough to amortise pickling, small for a steady ETA
@@ -137,18 +138,8 @@ def _remove_stale_partials(parent: str, base: str) -> None:
     for name in os.listdir(parent):
         if name.startswith(prefix):
             pid = int(name[len(prefix):].split("-")[0] or 0)
-            if not _alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_manifest(folder: str, manifest: dict) -> None:

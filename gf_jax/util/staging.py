@@ -59,7 +59,8 @@ def _kind(path: str) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that id exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,7 +81,7 @@ def remove_stale_partials(path: str) -> list[str]:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
             removed.append(os.path.join(parent, entry))
     return removed
