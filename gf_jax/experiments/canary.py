@@ -63,6 +63,8 @@ class CanaryExperiment:
       epochs: passes over the stream (background + canary copies); ``train.steps`` derives from it.
       arms: ``standard``, ``control`` and ``k<N>`` (goldfish with drop rate 1/N).
       strategy, h: goldfish strategy of the ``k<N>`` arms and its hash context width.
+      offsets, offset_prefix_len: also extract with an ``offset_prefix_len``-token prompt at each of
+        these token offsets inside the documents (e.g. [0, 32, 128]; empty: not measured).
       suffix_len, prefix_len: extraction (prefix null: all of the canary before the suffix).
       eval_batch: prompts decoded per batch.
       steps: > 0 sets ``train.steps`` directly, without reading the whole background to count
@@ -91,6 +93,8 @@ class CanaryExperiment:
     eval_batch: int = 16
     steps: int = 0
     val_docs: int = 64
+    offsets: tuple[int, ...] = ()
+    offset_prefix_len: int = 32
     perturb_rate: float = 0.0
     perturb_noise: bool = False
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gf_jax import data, evaluate
+from gf_jax.evaluate.extraction import offset_extraction
 from gf_jax.goldfish import goldfish_mask
 
 
@@ -45,7 +46,8 @@ def eval_batch_size(batch: int, mesh) -> int:
 def evaluate_arm(model, mesh, tokenizer, config, docs: EvalDocuments, exp, name: str) -> dict:
     """``{"memorization": {"per_doc", "aggregate"}, "mia"?, "heldout"?}`` of one trained arm.
 
-    ``exp`` gives ``suffix_len``, ``prefix_len`` and ``eval_batch``; ``config`` is the arm's run
+    ``exp`` gives ``suffix_len``, ``prefix_len``, ``eval_batch`` and ``offsets`` /
+    ``offset_prefix_len`` (extraction at prefix offsets, ``gf_jax.evaluate.extraction``); ``config`` is the arm's run
     config (sequence length and row mode of the held-out batches).
     """
     mesh = eval_mesh(mesh)
@@ -55,6 +57,11 @@ def evaluate_arm(model, mesh, tokenizer, config, docs: EvalDocuments, exp, name:
         prefix_len=exp.prefix_len, batch_size=batch, mesh=mesh, progress=f"{name}: extraction",
     )
     result = {"memorization": {"per_doc": per_doc, "aggregate": aggregate}}
+    if getattr(exp, "offsets", ()):  # extraction with the prompt inside the documents
+        result["offsets"] = offset_extraction(
+            model, tokenizer, docs.member_tokens, doc_ids=docs.member_ids, offsets=exp.offsets,
+            prefix_len=exp.offset_prefix_len, suffix_len=exp.suffix_len, batch_size=batch, mesh=mesh,
+            progress=f"{name}: offsets")
     if docs.nonmember_tokens:
         result["mia"] = evaluate.membership_inference(
             model, tokenizer, docs.member_tokens, docs.nonmember_tokens, batch_size=batch, mesh=mesh,

@@ -67,6 +67,8 @@ class MemorizationExperiment:
         each document is one row.
       heldout_docs: documents after those never trained on (held-out loss, MIA non-members).
       suffix_len: tokens to extract (the paper: 50); prefix_len: prompt tokens (null: all).
+      offsets, offset_prefix_len: also extract with an ``offset_prefix_len``-token prompt at each of
+        these token offsets inside the documents (e.g. [0, 32, 128]; empty: not measured).
       epochs: passes over the documents; ``train.steps`` is derived from it.
       arms: which of standard, goldfish-hash, goldfish-static, random-drop, control,
         lora-standard, lora-goldfish-hash to run (the LoRA arms need a base model).
@@ -96,6 +98,8 @@ class MemorizationExperiment:
     base_format: str = "text"
     base_steps: int = 0
     base_lr: float | None = None
+    offsets: tuple[int, ...] = ()
+    offset_prefix_len: int = 32
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")

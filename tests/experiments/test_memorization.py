@@ -39,7 +39,8 @@ def tok_cache(tmp_path_factory):
 def memorization_run(tmp_path_factory, tok_cache):
     out = str(tmp_path_factory.mktemp("memorization"))
     result = memorization.run(["--preset", "smoke", "--out", out, "--devices", "1",
-                               f"data.tokenizer_cache_dir={tok_cache}"])
+                               f"data.tokenizer_cache_dir={tok_cache}", "experiment.offsets=[0,2]",
+                               "experiment.offset_prefix_len=4"])
     return out, result
 
 
@@ -65,6 +66,9 @@ def test_memorization_smoke_writes_one_row_per_arm(memorization_run):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     table = open(os.path.join(out, "results.md")).read()
     assert all(r["label"] in table for r in saved["arms"].values())
+    for r in saved["arms"].values():  # extraction at prefix offsets, per arm
+        assert set(r["offsets"]["offsets"]) == {"0", "2"} and r["offsets"]["offsets"]["0"]["n_documents"] == 3
+    assert "## Prefix offsets" in open(os.path.join(out, "report", "report.md")).read()
     # Steps come from the epochs: 4 epochs of 3 one-row documents at batch 3.
     assert all(r["train"]["step"] == 4 for r in saved["arms"].values())
 
@@ -140,7 +144,8 @@ def test_memorization_lora_arms_need_a_base(tmp_path):
 
 def test_canary_smoke_writes_one_row_per_arm(tmp_path, tok_cache):
     result = canary.run(["--preset", "smoke", "--out", str(tmp_path), "--devices", "1",
-                         f"data.tokenizer_cache_dir={tok_cache}"])
+                         f"data.tokenizer_cache_dir={tok_cache}", "experiment.offsets=[0,4]",
+                         "experiment.offset_prefix_len=8"])
     saved = json.load(open(tmp_path / "results.json"))
     assert list(saved["arms"]) == ["standard", "k4", "control"]
     _check_arm_rows(saved["arms"], n_docs=2)
@@ -155,6 +160,7 @@ def test_canary_smoke_writes_one_row_per_arm(tmp_path, tok_cache):
     for name in ("results.md", "rougeL_hist.png", "report/report.md"):
         assert os.path.getsize(tmp_path / name) > 0, name
     assert result["meta"]["steps"] == 6
+    assert saved["arms"]["k4"]["offsets"]["offsets"]["4"]["n_documents"] == 2
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "experiments", "*.yaml"))))

@@ -73,10 +73,14 @@ def _permute(w, n_head):
 def _write_tiny(path, qtype_name, arch="llama", tokenizer_model="gpt2"):
     import gguf
 
-    vocab_json = json.load(open(os.path.join(LLAMA3, "tokenizer.json")))
-    vocab = sorted(vocab_json["model"]["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab] + [a["content"] for a in vocab_json["added_tokens"]]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in vocab_json["model"]["merges"]]
+    if tokenizer_model == "llama":  # sentencepiece BPE: pieces, scores and types of the LLaMA-2 fixture
+        tokens, scores, types = _sentencepiece_vocab()
+    else:
+        vocab_json = json.load(open(os.path.join(LLAMA3, "tokenizer.json")))
+        vocab = sorted(vocab_json["model"]["vocab"].items(), key=lambda kv: kv[1])
+        tokens = [t for t, _ in vocab] + [a["content"] for a in vocab_json["added_tokens"]]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in vocab_json["model"]["merges"]]
+        types = [1] * len(vocab) + [3] * len(vocab_json["added_tokens"])
     rng = np.random.default_rng(0)
     hf = {"model.embed_tokens.weight": rng.normal(size=(len(tokens), D)), "model.norm.weight": rng.normal(size=D),
           "lm_head.weight": rng.normal(size=(len(tokens), D))}
@@ -99,10 +103,17 @@ def _write_tiny(path, qtype_name, arch="llama", tokenizer_model="gpt2"):
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model(tokenizer_model)
     writer.add_token_list(tokens)
-    writer.add_token_merges(merges)
-    writer.add_token_types([1] * len(vocab) + [3] * len(vocab_json["added_tokens"]))
-    writer.add_bos_token_id(len(vocab))
-    writer.add_eos_token_id(len(vocab) + 1)
+    writer.add_token_types(types)
+    if tokenizer_model == "llama":
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(True)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+    else:
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(types.index(3))
+        writer.add_eos_token_id(types.index(3) + 1)
     expected = {}
     names = {v: k for k, v in gguf_codec._MODEL_TENSORS.items()}
     names.update({f"model.layers.{i}.{v}": f"blk.{i}.{k}" for i in range(LAYERS)
@@ -128,6 +139,25 @@ def _write_tiny(path, qtype_name, arch="llama", tokenizer_model="gpt2"):
     return expected, hf
 
 
+def _sentencepiece_vocab():
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(os.path.join(helpers.HF_FIXTURES, "llama2", "tokenizer.model"), "rb").read())
+    return [p.piece for p in proto.pieces], [p.score for p in proto.pieces], [int(p.type) for p in proto.pieces]
+
+
+def test_a_sentencepiece_tokenizer_is_rebuilt_to_encode_as_sentencepiece(tmp_path):
+    _write_tiny(tmp_path / "spm.gguf", "F16", tokenizer_model="llama")
+    ours = load_tokenizer(gguf_codec.converted(str(tmp_path / "spm.gguf"), cache_dir=str(tmp_path / "cache")))
+    theirs = load_tokenizer(os.path.join(helpers.HF_FIXTURES, "llama2", "tokenizer.model"))
+    texts = ["Speak, speak.", "First Citizen:\nBefore we proceed any further, hear me speak.", "  two  spaces",
+             "ünïcödé 日本 and 3.14159", "You are all resolved rather to die than to famish?"]
+    assert ours.encode(texts) == theirs.encode(texts)
+    assert ours.decode(theirs.encode(texts)) == texts
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_id, theirs.eos_id)
+
+
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 def test_tiny_files_of_each_type_come_back_as_gguf_dequantizes_them(tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype}.gguf"
@@ -151,9 +181,9 @@ def test_unknown_architectures_and_tokenizers_are_one_sentence(tmp_path):
     _write_tiny(tmp_path / "neox.gguf", "F16", arch="gptneox")
     with pytest.raises(ValueError, match="holds a 'gptneox' model; gf_jax reads GGUF files of llama"):
         gguf_codec.converted(str(tmp_path / "neox.gguf"), cache_dir=str(tmp_path / "cache"))
-    _write_tiny(tmp_path / "spm.gguf", "F16", tokenizer_model="llama")
-    with pytest.raises(ValueError, match="has a 'llama' tokenizer"):
-        gguf_codec.converted(str(tmp_path / "spm.gguf"), cache_dir=str(tmp_path / "cache"))
+    _write_tiny(tmp_path / "bert.gguf", "F16", tokenizer_model="bert")
+    with pytest.raises(ValueError, match="has a 'bert' tokenizer"):
+        gguf_codec.converted(str(tmp_path / "bert.gguf"), cache_dir=str(tmp_path / "cache"))
     cache = tmp_path / "cache"
     assert not cache.exists() or not [n for n in os.listdir(cache) if not n.startswith(".")]  # nothing half-made
 
