@@ -22,6 +22,10 @@ Strategies (``GoldfishConfig.strategy``):
   is ever supervised. A document's first target has an empty window, so its fate depends on
   ``seed`` and ``k`` alone: every document's first target is dropped or none is (none with
   ``seed=0``, for every k >= 2).
+  With ``key_window`` W > 0 the hash also mixes in a *passage key*: the smallest salted token hash
+  among the up-to-W targets before the target. A near-duplicate copy (a few words edited) keeps
+  most keys, so a small ``h`` (2-3) plus a key keeps its holes aligned with the original's while
+  one phrase still gets different holes in different passages (see docs/goldfish.md).
 * ``hash-table``: the reference implementation's rule, bit for bit (see ``_hash_table_drop``).
 * ``static``: every k-th target of each document, from ``start``.
 * ``random``: Bernoulli(1/k) per target from ``rng`` (repetition fills the holes; a baseline).
@@ -68,6 +72,9 @@ class GoldfishConfig:
         masks, the same seed the same mask in every run.
       start: offset of the ``static`` strategy (0 <= start < k).
       never_drop_ids: token ids that are never dropped (e.g. EOS, BOS, PAD).
+      key_window: ``hash`` only: 0 (off) or W in [1, 2**20], the passage key's reach (the smallest
+        salted token hash among the W targets before each target is mixed into its hash). The
+        near-duplicate defence: use it with a small h, e.g. h=2, key_window=64.
     """
 
     strategy: str = "hash"
@@ -76,13 +83,14 @@ class GoldfishConfig:
     seed: int = 0
     start: int = 0
     never_drop_ids: tuple[int, ...] = ()
+    key_window: int = 0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"goldfish strategy {self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}."
             )
-        for name in ("k", "h", "seed", "start"):
+        for name in ("k", "h", "seed", "start", "key_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"goldfish {name} must be an integer, got {value!r}.")
@@ -90,6 +98,12 @@ class GoldfishConfig:
             raise ValueError(f"goldfish k must be >= 2 (drop rate 1/k), got k={self.k}.")
         if not 1 <= self.h <= CONTINUED:
             raise ValueError(f"goldfish h (context width) must be in [1, {CONTINUED}], got h={self.h}.")
+        if not 0 <= self.key_window <= CONTINUED:
+            raise ValueError(f"goldfish key_window must be in [0, {CONTINUED}] (0: no passage key), "
+                             f"got key_window={self.key_window}.")
+        if self.key_window and self.strategy != "hash":
+            raise ValueError(f"goldfish key_window is a setting of the hash strategy; set goldfish.key_window=0 "
+                             f"or goldfish.strategy=hash (got {self.strategy!r}).")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"goldfish seed must be in [0, 2**32), got seed={self.seed}.")
         if not 0 <= self.start < self.k:
@@ -100,6 +114,12 @@ class GoldfishConfig:
         if isinstance(ids, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError(f"goldfish never_drop_ids must be a list of integer token ids, got {ids!r}.")
         object.__setattr__(self, "never_drop_ids", tuple(sorted(set(int(i) for i in ids))))
+
+    @property
+    def reach(self) -> int:
+        """How many preceding targets the ``hash`` decision reads: max(h, key_window). A row needs
+        that much row context to get its document's mask from its first column."""
+        return max(self.h, self.key_window)
 
 
 jax.tree_util.register_static(GoldfishConfig)
@@ -154,7 +174,7 @@ def _columns_like(targets_BxT):
 _default_positions = _columns_like  # without positions, every row starts a document
 
 
-def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None):
+def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None, key_window: int = 0):
     """Salted 32-bit hash of the up-to-h targets preceding each target in its own document.
 
     Returns (hash_BxT uint32, complete_BxT bool). The window of the target at document position p
@@ -164,24 +184,30 @@ def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None
     column 0, see ``goldfish_mask``) does not cover it; such a target's hash is not the full
     window's (it is dropped whatever its hash).
 
+    With ``key_window`` W > 0 the hash is then mixed with the passage key: the smallest
+    ``_key_token_hash`` among the min(p, W) predecessors (all ones for p = 0), and completeness
+    needs both windows.
+
     The window offsets run in a ``lax.scan`` that shifts the row by one column per step, so the
-    compiled program does not grow with h; it stops after ``min(h, T - 1 + C)`` steps, the longest
-    window a complete target can have.
+    compiled program does not grow with h or W; it stops after ``min(max(h, W), T - 1 + C)``
+    steps, the longest window a complete target can have.
     """
     T = targets_BxT.shape[-1]
     C = 0 if context_BxC is None else context_BxC.shape[-1]
     tokens_BxT = targets_BxT.astype(jnp.int32).astype(_U32)
     window_BxT = jnp.minimum(positions_BxT.astype(jnp.int32), h)
+    key_window_BxT = jnp.minimum(positions_BxT.astype(jnp.int32), key_window)
     columns_BxT = _columns_like(targets_BxT)
-    complete_BxT = window_BxT <= columns_BxT + C
+    complete_BxT = jnp.maximum(window_BxT, key_window_BxT) <= columns_BxT + C
     if context_BxC is not None:
         context_BxC = jnp.asarray(context_BxC).astype(jnp.int32).astype(_U32)
     acc_BxT = jnp.zeros_like(tokens_BxT) + _fmix32(_U32(seed) ^ _U32(0x9E3779B9))
+    key_BxT = jnp.full_like(tokens_BxT, _U32(0xFFFFFFFF))
 
     def mix_offset(carry, j):
         """Offset j of every window: the row shifted right by j, its first j columns taken from the
         context (``from_context_BxT`` holds them: context[C - j + t] at column t < j, else 0)."""
-        acc_BxT, shifted_BxT, from_context_BxT = carry
+        acc_BxT, key_BxT, shifted_BxT, from_context_BxT = carry
         shifted_BxT = _shift_right(shifted_BxT, 1, _U32(0))
         if context_BxC is not None:
             from_context_BxT = _shift_right(from_context_BxT, 1, _U32(0))
@@ -192,17 +218,28 @@ def context_hash(targets_BxT, positions_BxT, h: int, seed: int, context_BxC=None
         # is the word at offset j.
         word_BxT = shifted_BxT + from_context_BxT
         acc_BxT = jnp.where(j <= window_BxT, _murmur_round(acc_BxT, word_BxT), acc_BxT)
-        return (acc_BxT, shifted_BxT, from_context_BxT), None
+        if key_window:
+            key_BxT = jnp.where(j <= key_window_BxT, jnp.minimum(key_BxT, _key_token_hash(word_BxT, seed)), key_BxT)
+        return (acc_BxT, key_BxT, shifted_BxT, from_context_BxT), None
 
-    steps = min(h, T - 1 + C)
-    carry = (acc_BxT, tokens_BxT, jnp.zeros_like(tokens_BxT))
-    (acc_BxT, _, _), _ = jax.lax.scan(mix_offset, carry, jnp.arange(1, steps + 1, dtype=jnp.int32))
+    steps = min(max(h, key_window), T - 1 + C)
+    carry = (acc_BxT, key_BxT, tokens_BxT, jnp.zeros_like(tokens_BxT))
+    (acc_BxT, key_BxT, _, _), _ = jax.lax.scan(mix_offset, carry, jnp.arange(1, steps + 1, dtype=jnp.int32))
     hash_BxT = _fmix32(acc_BxT ^ window_BxT.astype(_U32))
+    if key_window:
+        hash_BxT = _fmix32(_murmur_round(hash_BxT, key_BxT))
     return hash_BxT, complete_BxT
 
 
+def _key_token_hash(word, seed: int):
+    """The salted hash of one token that the passage key takes the minimum of: a min-hash, so a
+    window keeps its key unless an edit brings in a token with a smaller one or removes its own."""
+    return _fmix32(word ^ _fmix32(_U32(seed) ^ _U32(0x85EBCA77)))
+
+
 def _hash_drop(targets_BxT, positions_BxT, config: GoldfishConfig, context_BxC=None):
-    hash_BxT, complete_BxT = context_hash(targets_BxT, positions_BxT, config.h, config.seed, context_BxC)
+    hash_BxT, complete_BxT = context_hash(targets_BxT, positions_BxT, config.h, config.seed, context_BxC,
+                                          config.key_window)
     # The lowest floor(2**32 / k) hash values form the drop bucket: rate 1/k to within 2**-32.
     threshold = _U32((2**32) // config.k)
     return (hash_BxT < threshold) | ~complete_BxT

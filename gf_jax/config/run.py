@@ -56,20 +56,21 @@ class RunConfig:
                 "train.eval_every > 0 needs a validation split; set data.validation_fraction > 0 "
                 "(e.g. 0.05) or train.eval_every=0."
             )
-        if g.strategy == "hash" and 0 < d.row_context < g.h:
+        window = "goldfish.h" if g.h >= g.key_window else "goldfish.key_window"
+        if g.strategy == "hash" and 0 < d.row_context < g.reach:
             # With C < h a row that starts mid-document cannot see its first targets' whole hash
             # windows, so it drops them all instead of getting its document's mask.
             raise ValueError(
-                f"data.row_context ({d.row_context}) is shorter than the goldfish hash window goldfish.h "
-                f"({g.h}); set data.row_context >= {g.h} (or 0 for no row context)."
+                f"data.row_context ({d.row_context}) is shorter than the goldfish hash window {window} "
+                f"({g.reach}); set data.row_context >= {g.reach} (or 0 for no row context)."
             )
-        if g.strategy == "hash" and d.row_context == 0 and d.mode == "packed" and g.h >= t.seq_len:
+        if g.strategy == "hash" and d.row_context == 0 and d.mode == "packed" and g.reach >= t.seq_len:
             # Without row context a row that continues a document drops the targets whose window
             # reaches before the row: with h >= T that is every one of them, most of the data.
             raise ValueError(
-                f"goldfish.h ({g.h}) is not shorter than train.seq_len ({t.seq_len}) and data.row_context is 0, "
+                f"{window} ({g.reach}) is not shorter than train.seq_len ({t.seq_len}) and data.row_context is 0, "
                 f"so every row that continues a document would drop all its targets; set data.row_context >= "
-                f"{g.h} or a smaller goldfish.h."
+                f"{g.reach} or a smaller {window}."
             )
 
 

@@ -74,4 +74,7 @@ def arm_config(base, arm: Arm, *, data, steps: int, run_dir: str, init_from: str
         train["init_from"] = init_from
     # A warm-up longer than the run would never reach the peak learning rate.
     optimizer = dict(warmup=min(base.optimizer.warmup, steps - 1))
+    if arm.goldfish.strategy == "hash" and 0 < data.row_context < arm.goldfish.reach:
+        # A row that starts mid-document needs its arm's whole hash reach as context.
+        data = dataclasses.replace(data, row_context=arm.goldfish.reach)
     return replace_sections(base, data=data, goldfish=arm.goldfish, train=train, optimizer=optimizer)

@@ -42,6 +42,8 @@ from gf_jax.model import param_count
 
 PRESET_ALIASES = {"tpu": "tinyllama_1b"}
 DEFAULT_ARMS = ("standard", "k3", "k4", "k8", "k32", "k128", "control")
+# k<N>, with optional -h<H> and -w<W> (passage key): k4, k4-h2-w64.
+GOLDFISH_ARM = re.compile(r"k([2-9]|[1-9]\d+)(?:-h([1-9]\d*))?(?:-w([1-9]\d*))?")
 CANARY_FORMATS = {"wikitext": ("text", "wikitext"), "text": ("text", "blank_line"), "jsonl": ("jsonl", "file")}
 # Characters of background text the tokenizer trains on (besides the canary corpus).
 TOKENIZER_BACKGROUND_CHARS = 50_000_000
@@ -61,7 +63,9 @@ class CanaryExperiment:
       canary_tokens: every canary is cut to exactly this many tokens (BOS/EOS included).
       repeats: copies of each canary in the stream (the paper: 50).
       epochs: passes over the stream (background + canary copies); ``train.steps`` derives from it.
-      arms: ``standard``, ``control`` and ``k<N>`` (goldfish with drop rate 1/N).
+      arms: ``standard``, ``control`` and ``k<N>`` (goldfish with drop rate 1/N); ``k<N>-h<H>-w<W>``
+        is a ``k<N>`` arm with its own h and a passage key of reach W (the near-duplicate defence,
+        e.g. ``k4-h2-w64``; either part may be left out).
       strategy, h: goldfish strategy of the ``k<N>`` arms and its hash context width.
       offsets, offset_prefix_len: also extract with an ``offset_prefix_len``-token prompt at each of
         these token offsets inside the documents (e.g. [0, 32, 128]; empty: not measured).
@@ -109,10 +113,10 @@ class CanaryExperiment:
         if self.canary_format not in CANARY_FORMATS:
             raise ValueError(f"experiment.canary_format={self.canary_format!r}; "
                              f"use one of {', '.join(CANARY_FORMATS)}.")
-        bad = [a for a in self.arms if a not in ("standard", "control") and not re.fullmatch(r"k([2-9]|[1-9]\d+)", a)]
+        bad = [a for a in self.arms if a not in ("standard", "control") and not GOLDFISH_ARM.fullmatch(a)]
         if bad or not self.arms:
             raise ValueError(f"experiment.arms has {bad[0] if bad else 'no arm'}; use standard, control or k<N> "
-                             "with N >= 2 (e.g. k4).")
+                             "with N >= 2 (e.g. k4), optionally -h<H> and -w<W> (e.g. k4-h2-w64).")
         if self.suffix_len + 3 > self.canary_tokens:
             raise ValueError(f"experiment.suffix_len={self.suffix_len} leaves no prompt in canaries of "
                              f"{self.canary_tokens} tokens; raise experiment.canary_tokens or lower suffix_len.")
@@ -125,7 +129,9 @@ def make_arms(exp: CanaryExperiment, never_drop_ids: tuple[int, ...]) -> dict[st
             trains_on = "background + canaries" if name == "standard" else "background only"
             arms[name] = Arm(name, GoldfishConfig(strategy="none"), trains_on)
         else:
-            goldfish = GoldfishConfig(strategy=exp.strategy, k=int(name[1:]), h=exp.h, never_drop_ids=never_drop_ids)
+            k, h, key_window = GOLDFISH_ARM.fullmatch(name).groups()
+            goldfish = GoldfishConfig(strategy=exp.strategy, k=int(k), h=int(h or exp.h),
+                                      key_window=int(key_window or 0), never_drop_ids=never_drop_ids)
             arms[name] = Arm(name, goldfish, "background + canaries")
     return arms
 
@@ -135,7 +141,10 @@ def arm_label(arm: Arm) -> str:
         return "standard loss"
     if arm.name == "control":
         return "control (no canaries)"
-    return f"{arm.goldfish.k}-GL ({arm.goldfish.strategy})"
+    g = arm.goldfish
+    if g.key_window or g.h != GoldfishConfig.h:
+        return f"{g.k}-GL ({g.strategy}, h={g.h}{f', key {g.key_window}' if g.key_window else ''})"
+    return f"{g.k}-GL ({g.strategy})"
 
 
 def prepare(base, exp: CanaryExperiment, out: str):

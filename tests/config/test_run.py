@@ -187,3 +187,10 @@ def test_docs_configuration_lists_every_config_key():
             names = [f"{field.name}.{f.name}" for f in dataclasses.fields(sub)] if dataclasses.is_dataclass(sub) else [field.name]
             missing += [f"{section.name}.{n}" for n in names if f"`{n}`" not in text]
     assert not missing, missing
+
+
+def test_row_context_must_cover_the_passage_key_window():
+    with pytest.raises(ValueError, match=r"goldfish hash window goldfish\.key_window \(64\); set data\.row_context >= 64"):
+        config_from_dict({}, ["data.row_context=32", "goldfish.h=2", "goldfish.key_window=64"])
+    config = config_from_dict({}, ["data.row_context=64", "goldfish.h=2", "goldfish.key_window=64"])
+    assert config.goldfish.reach == 64
