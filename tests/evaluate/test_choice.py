@@ -25,12 +25,21 @@ def model(tok):
     return Transformer(config, rngs=nnx.Rngs(3))
 
 
+@nnx.jit
+def _forward(model, ids_BxT):
+    return model(ids_BxT)
+
+
 def _reference_ll(model, tok, context, continuation):
     """Harness-style log-likelihood, computed from the full logits in numpy."""
     whole = tok.encode([context + continuation])[0]
     n_ctx = len(tok.encode([context])[0])
     ids = np.array([tok.bos_id] + whole, np.int32)
-    logits = np.asarray(jax.device_get(model(ids[None, :-1])), np.float64)[0]
+    # Padded to one length so that one shape compiles; a causal model's logits before the padding
+    # do not depend on it.
+    padded = np.zeros((1, 64), np.int32)
+    padded[0, :len(ids) - 1] = ids[:-1]
+    logits = np.asarray(jax.device_get(_forward(model, padded)), np.float64)[0, :len(ids) - 1]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     targets = np.arange(1 + n_ctx, len(ids))

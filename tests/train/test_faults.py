@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get("GF_JAX_SLOW_TESTS"),
 
 REPO = helpers.REPO
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
-STEPS, KEEP, KILLS = 60, 3, 10
+STEPS, KEEP, KILLS = 60, 3, 6
 SETTINGS = [
     "model.vocab_size=384", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
     "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64",
