@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices (set before JAX initialises its backends)."""
 
 import os
+import tempfile
 
 import pytest
 from helpers import shakespeare_tokenizer
@@ -9,6 +10,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache for the session and the processes its tests start (CLI runs,
+# multi-process runs, the fault tests' restarts compile the same programs again and again).
+if os.environ.get("GF_JAX_TEST_COMPILE_CACHE", "1") == "1":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gf_jax_test_jit_cache_"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def _fake_gcs_class():
