@@ -128,27 +128,34 @@ def test_every_window_token_matters_and_nothing_beyond_it():
         assert np.array_equal(np.asarray(goldfish_mask(changed, cfg))[:, -1], base), col
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _rotl(x, r):
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def _fmix(x):
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def _murmur_block(acc, word):
+    word = _rotl((word * 0xCC9E2D51) & _M32, 15)
+    acc = _rotl(acc ^ ((word * 0x1B873593) & _M32), 13)
+    return (acc * 5 + 0xE6546B64) & _M32
+
+
 def _murmur_reference(window, seed):
     """The documented hash in plain Python integers: murmur3 blocks over the window (nearest
     predecessor first), salted by the seed, finalised with the window length mixed in."""
-    m32 = 0xFFFFFFFF
-
-    def rotl(x, r):
-        return ((x << r) | (x >> (32 - r))) & m32
-
-    def fmix(x):
-        x ^= x >> 16
-        x = (x * 0x85EBCA6B) & m32
-        x ^= x >> 13
-        x = (x * 0xC2B2AE35) & m32
-        return x ^ (x >> 16)
-
-    acc = fmix(seed ^ 0x9E3779B9)
+    acc = _fmix(seed ^ 0x9E3779B9)
     for word in window:
-        word = rotl((word * 0xCC9E2D51) & m32, 15)
-        acc = rotl(acc ^ ((word * 0x1B873593) & m32), 13)
-        acc = (acc * 5 + 0xE6546B64) & m32
-    return fmix(acc ^ len(window))
+        acc = _murmur_block(acc, word)
+    return _fmix(acc ^ len(window))
 
 
 @pytest.mark.parametrize("h", [1, 5, 13, 40, 200])
@@ -180,37 +187,13 @@ def test_context_hash_equals_a_plain_python_reference(h):
 def _key_reference(window, seed):
     """The passage key in plain Python: the smallest salted token hash over the window (murmur3's
     finaliser of token ^ fmix(seed ^ 0x85EBCA77)); all ones for an empty window."""
-    m32 = 0xFFFFFFFF
-
-    def fmix(x):
-        x ^= x >> 16
-        x = (x * 0x85EBCA6B) & m32
-        x ^= x >> 13
-        x = (x * 0xC2B2AE35) & m32
-        return x ^ (x >> 16)
-
-    salt = fmix(seed ^ 0x85EBCA77)
-    return min((fmix(w ^ salt) for w in window), default=m32)
+    salt = _fmix(seed ^ 0x85EBCA77)
+    return min((_fmix(w ^ salt) for w in window), default=_M32)
 
 
 def _keyed_reference(window, key_window, seed):
     """The hash with a passage key: the plain hash, one more murmur block (the key), finalised."""
-    m32 = 0xFFFFFFFF
-
-    def rotl(x, r):
-        return ((x << r) | (x >> (32 - r))) & m32
-
-    def fmix(x):
-        x ^= x >> 16
-        x = (x * 0x85EBCA6B) & m32
-        x ^= x >> 13
-        x = (x * 0xC2B2AE35) & m32
-        return x ^ (x >> 16)
-
-    acc = _murmur_reference(window, seed)
-    word = rotl((_key_reference(key_window, seed) * 0xCC9E2D51) & m32, 15)
-    acc = rotl(acc ^ ((word * 0x1B873593) & m32), 13)
-    return fmix((acc * 5 + 0xE6546B64) & m32)
+    return _fmix(_murmur_block(_murmur_reference(window, seed), _key_reference(key_window, seed)))
 
 
 @pytest.mark.parametrize("h, key_window", [(2, 1), (2, 9), (1, 64), (13, 5), (3, 300)])
